@@ -1,0 +1,51 @@
+"""fxadapt: parameter-efficient adapters for Hugging Face models as graph passes over torch.fx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from . import lora as _lora  # noqa: F401  (registers the method)
+from .capture import capture, example_inputs
+from .config import AdapterConfig
+from .errors import AdapterFileError, CaptureError, ConfigError, FxAdaptError
+from .lora import LoRAConfig
+from .methods import method_names, resolve_config
+from .model import AdaptedModel
+
+__version__ = "0.1.0"
+
+
+def adapt(
+    model: nn.Module,
+    config: str | AdapterConfig = "lora",
+    name: str | None = None,
+    compile: bool = True,
+    compile_options: dict[str, Any] | None = None,
+    example_inputs: dict[str, Any] | None = None,
+) -> AdaptedModel:
+    """Wrap ``model``, add one adapter, make it the active and only trainable part, compile."""
+    adapted = AdaptedModel(
+        model, compile=compile, compile_options=compile_options, example_inputs=example_inputs
+    )
+    config = resolve_config(config) if not isinstance(config, str) else config
+    adapter_name = name or (config if isinstance(config, str) else config.architecture)
+    adapted.add_adapter(adapter_name, config)
+    adapted.train_adapter(adapter_name)
+    return adapted
+
+
+__all__ = [
+    "AdaptedModel",
+    "AdapterConfig",
+    "AdapterFileError",
+    "CaptureError",
+    "ConfigError",
+    "FxAdaptError",
+    "LoRAConfig",
+    "adapt",
+    "capture",
+    "example_inputs",
+    "method_names",
+]

@@ -1,0 +1,171 @@
+"""LoRA: a low-rank update ``y + (alpha/r) · B A x`` beside a projection (Hu et al., 2021).
+
+Config names and defaults follow AdapterHub's ``LoRAConfig``. A fused projection such as GPT-2's
+``c_attn`` gets one rank-``r`` block per chosen matrix (AdapterHub's layout, ``fused_qkv="split"``) or
+one block over the whole output (PEFT's layout, ``fused_qkv="joint"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from passes.lora import insert_lora
+from passes.sites import Site, SiteTable
+
+from .config import AdapterConfig, check
+from .methods import Method, register
+
+ATTN_MATRICES = ("q", "k", "v", "o")
+INITS = ("lora", "bert")
+
+
+@dataclasses.dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA on the attention matrices (and optionally the FFN), AdapterHub's defaults."""
+
+    architecture = "lora"
+    foreign_defaults = {
+        "use_gating": False,
+        "use_dora": False,
+        "vera_d": None,
+        "vera_b": None,
+        "dtype": None,
+        "init_weights_seed": None,
+    }
+
+    selfattn_lora: bool = True
+    intermediate_lora: bool = False
+    output_lora: bool = False
+    leave_out: list[int] = dataclasses.field(default_factory=list)
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    attn_matrices: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])
+    composition_mode: str = "add"
+    init_weights: str = "lora"
+    fused_qkv: str = "split"
+    target_sites: list[str] | None = None
+
+    def validate(self) -> None:
+        check(isinstance(self.r, int) and self.r >= 1, f"LoRAConfig.r must be an int >= 1, got {self.r!r}")
+        check(self.alpha > 0, f"LoRAConfig.alpha must be > 0, got {self.alpha!r}")
+        check(0 <= self.dropout < 1, f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        bad = [m for m in self.attn_matrices if m not in ATTN_MATRICES]
+        check(not bad, f"LoRAConfig.attn_matrices has {bad}; valid: {list(ATTN_MATRICES)}")
+        check(
+            self.composition_mode == "add",
+            f"LoRAConfig.composition_mode {self.composition_mode!r} is not valid; valid: ['add']",
+        )
+        check(self.init_weights in INITS, f"LoRAConfig.init_weights must be one of {list(INITS)}")
+        check(self.fused_qkv in ("split", "joint"), "LoRAConfig.fused_qkv must be 'split' or 'joint'")
+        check(all(isinstance(i, int) for i in self.leave_out), "LoRAConfig.leave_out must list layer ints")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRA(nn.Module):
+    """The low-rank update for one projection; ``sections`` are the output columns of each block."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: LoRAConfig,
+        sections: tuple[tuple[int, int], ...] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        r = config.r
+        sections = sections or ((0, out_features),)
+        self.out_features = out_features
+        self.scaling = config.scaling
+        self.grouped = len(sections) > 1 or sections[0] != (0, out_features)
+        rows = sum(b - a for a, b in sections)
+        kw = dict(dtype=dtype, device=device)
+        self.lora_A = nn.Parameter(torch.empty(r * len(sections), in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r, **kw))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if self.grouped:
+            out_idx = torch.cat([torch.arange(a, b).repeat_interleave(r) for a, b in sections])
+            rank_idx = torch.cat(
+                [torch.arange(i * r, (i + 1) * r).repeat(b - a) for i, (a, b) in enumerate(sections)]
+            )
+            self.register_buffer("out_idx", out_idx.to(device), persistent=False)
+            self.register_buffer("rank_idx", rank_idx.to(device), persistent=False)
+        self.reset_parameters(config.init_weights)
+
+    def reset_parameters(self, init: str = "lora") -> None:
+        with torch.no_grad():
+            if init == "lora":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B)
+            else:
+                nn.init.normal_(self.lora_A, std=0.02)
+                nn.init.normal_(self.lora_B, std=0.02)
+
+    def full_B(self) -> torch.Tensor:
+        """B as one ``[out, blocks·r]`` matrix: block-diagonal over the sections of a fused output."""
+        if not self.grouped:
+            return self.lora_B
+        full = self.lora_B.new_zeros(self.out_features, self.lora_A.shape[0])
+        return full.index_put((self.out_idx, self.rank_idx), self.lora_B.reshape(-1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = F.linear(F.linear(self.dropout(x), self.lora_A), self.full_B())
+        return y + delta * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B A`` as an ``[out, in]`` matrix, for merging."""
+        return (self.full_B() @ self.lora_A) * self.scaling
+
+
+def select(config: LoRAConfig, sites: SiteTable) -> dict[str, tuple[Site, tuple[str, ...]]]:
+    """The sites this config adapts, each with the roles (matrices) adapted there."""
+    if config.target_sites is not None:
+        table = sites.by_key()
+        missing = [k for k in config.target_sites if k not in table]
+        check(not missing, f"LoRAConfig.target_sites names unknown sites {missing}; see model.sites()")
+        return {k: (table[k], table[k].roles) for k in config.target_sites}
+    wanted = set()
+    if config.selfattn_lora:
+        wanted |= set(config.attn_matrices)
+    if config.intermediate_lora:
+        wanted.add("ffn_in")
+    if config.output_lora:
+        wanted.add("ffn_out")
+    chosen = {}
+    for site in sites:
+        if site.layer is None or site.layer in config.leave_out:
+            continue
+        roles = tuple(r for r in site.roles if r in wanted)
+        if roles:
+            chosen[site.key] = (site, roles)
+    return chosen
+
+
+def build(config: LoRAConfig, sites: SiteTable, dtype: torch.dtype, device: Any) -> dict[str, nn.Module]:
+    modules = {}
+    for key, (site, roles) in select(config, sites).items():
+        sections = None
+        if site.fused and config.fused_qkv == "split":
+            sections = tuple(site.columns(r) for r in roles)
+        modules[key] = LoRA(site.in_features, site.out_features, config, sections, dtype, device)
+    check(bool(modules), "LoRA found no site to adapt: check attn_matrices/leave_out against model.sites()")
+    return modules
+
+
+def fold(module: LoRA, weight: torch.Tensor, site: Site) -> None:
+    delta = module.delta_weight().to(weight.dtype)
+    weight.add_(delta.T if site.transposed else delta)
+
+
+LORA = register(Method("lora", LoRAConfig, build, insert_lora, fold))

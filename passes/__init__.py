@@ -1,0 +1,1 @@
+"""Graph passes over ATen-level FX graphs: pure functions that know nothing about model classes."""

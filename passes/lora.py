@@ -1,0 +1,23 @@
+"""Insert LoRA modules after the projections they adapt: ``y = proj(x)`` becomes ``lora(x, y)``."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from .sites import Site
+
+
+def insert_lora(graph: fx.Graph, sites: list[Site], targets: dict[str, str]) -> list[fx.Node]:
+    """For each site key in ``targets``, route the projection's output through that module."""
+    by_name = {n.name: n for n in graph.nodes}
+    by_key = {s.key: s for s in sites}
+    added = []
+    for key, target in targets.items():
+        proj = by_name[by_key[key].node]
+        x = proj.args[1] if "addmm" in str(proj.target) else proj.args[0]
+        with graph.inserting_after(proj):
+            node = graph.call_module(target, (x, proj))
+        proj.replace_all_uses_with(node, delete_user_cb=lambda user, new=node: user is not new)
+        node.meta["fxadapt"] = {"adapter": target, "site": key}
+        added.append(node)
+    return added

@@ -1,4 +1,5 @@
-"""Read AdapterHub ``adapters`` folders (``adapter_config.json`` + ``pytorch_adapter.bin``/``adapter.safetensors``)."""
+"""Read AdapterHub ``adapters`` folders: ``adapter_config.json`` + ``pytorch_adapter.bin`` or
+``adapter.safetensors``, parameter names mapped onto fxadapt's sites."""
 
 from __future__ import annotations
 

@@ -80,9 +80,8 @@ class SiteTable(list):
         for s in self:
             role = "+".join(s.roles) or "-"
             layer = "-" if s.layer is None else str(s.layer)
-            lines.append(
-                f"{s.key:52} {role:10} {layer:>5} {s.op:7} {s.in_features:>6} {s.out_features:>6}  {s.found_by}"
-            )
+            sizes = f"{s.in_features:>6} {s.out_features:>6}"
+            lines.append(f"{s.key:52} {role:10} {layer:>5} {s.op:7} {sizes}  {s.found_by}")
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle) -> None:  # IPython shows the table
@@ -284,12 +283,12 @@ def find_sites(gm: fx.GraphModule, prefix: str = "") -> SiteTable:
     by_layer: dict[tuple, list[fx.Node]] = {}
     for n in nodes:
         by_layer.setdefault(_layer_of(info[n]["key"]), []).append(n)
-    for (stack, layer), members in by_layer.items():
+    for (_stack, layer), members in by_layer.items():
         if layer is None:
             continue
         free = [n for n in members if n not in roles]
         for n in free:
-            for stop, idx, _ in _forward(n):
+            for stop, _, _ in _forward(n):
                 if stop in free and stop is not n and _projection_parts(stop)[0] is not None:
                     roles.setdefault(stop, (("ffn_out",), None, "structure"))
         for n in free:

@@ -1,0 +1,77 @@
+"""Tiny models built from configs (no hub access) shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartModel,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+)
+from transformers.utils import logging
+
+logging.set_verbosity_error()
+
+BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+GPT2 = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=100, bos_token_id=1, eos_token_id=2)
+LLAMA = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    vocab_size=100,
+)
+BART = dict(
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    vocab_size=100,
+)
+
+
+def make(arch: str, head: bool = False, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "bert":
+        cls = BertForSequenceClassification if head else BertModel
+        return cls(BertConfig(**{**BERT, **overrides}))
+    if arch == "gpt2":
+        return GPT2Model(GPT2Config(**{**GPT2, **overrides}))
+    if arch == "llama":
+        cls = LlamaForCausalLM if head else LlamaModel
+        return cls(LlamaConfig(**{**LLAMA, **overrides}))
+    if arch == "bart":
+        return BartModel(BartConfig(**{**BART, **overrides}))
+    raise ValueError(arch)
+
+
+def batch(b: int = 2, s: int = 9, pad: int = 3, vocab: int = 100) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(b * 100 + s)
+    ids = torch.randint(3, vocab, (b, s), generator=g)
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[-1, s - pad :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def main_output(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy

@@ -72,6 +72,12 @@ class AdaptedModel(nn.Module):
         self._default_sig: tuple | None = None
         self.train(model.training)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
+        # .to()/.half() replace buffer tensors: graphs built before hold the old ones, so rebuild.
+        out = super()._apply(fn, recurse)
+        self._runners.clear()
+        return out
+
     # ---- calling -------------------------------------------------------------------------------
     @property
     def config(self) -> Any:

@@ -93,3 +93,41 @@ def test_capture_error_names_model_and_operation():
     assert "DataDependent" in msg
     assert "if x.sum() > 0" in msg
     assert 'attn_implementation="eager"' in msg and "use_cache=False" in msg
+
+
+def _more(arch):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5Model, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    if arch == "vit":
+        return ViTModel(ViTConfig(**small, image_size=16, patch_size=8))
+    if arch == "clip_text":
+        return CLIPTextModel(CLIPTextConfig(**small, vocab_size=100))
+    return T5Model(T5Config(d_model=32, num_layers=1, num_heads=4, d_ff=64, d_kv=8, vocab_size=100))
+
+
+@pytest.mark.parametrize("arch", ["vit", "clip_text", "t5"])
+def test_more_architectures_capture_find_roles_and_adapt(arch):
+    base = _more(arch).eval()
+    model = fxadapt.adapt(base, fxadapt.LoRAConfig(init_weights="bert"), compile=False).eval()
+    roles = {r for s in model.sites() for r in s.roles}
+    assert roles == {"q", "k", "v", "o", "ffn_in", "ffn_out"}
+    inputs = example_inputs(base)
+    with torch.no_grad():
+        adapted = model(**inputs)[0]
+        model.set_active_adapters(None)
+        torch.testing.assert_close(model(**inputs)[0], base(**inputs)[0], atol=1e-6, rtol=0)
+    assert (adapted - base(**inputs)[0]).abs().max() > 1e-4
+
+
+def test_dtype_change_rebuilds_graphs():
+    base = make("bert").eval()
+    model = fxadapt.AdaptedModel(base).eval()
+    inputs = batch()
+    model(**inputs)
+    model.double()
+    with torch.no_grad():
+        out = model(**inputs).last_hidden_state
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, base(**inputs).last_hidden_state, atol=1e-10, rtol=0)

@@ -24,10 +24,15 @@ def adapt(
     compile: bool = True,
     compile_options: dict[str, Any] | None = None,
     example_inputs: dict[str, Any] | None = None,
+    site_roles: dict[str, Any] | None = None,
 ) -> AdaptedModel:
     """Wrap ``model``, add one adapter, make it the active and only trainable part, compile."""
     adapted = AdaptedModel(
-        model, compile=compile, compile_options=compile_options, example_inputs=example_inputs
+        model,
+        compile=compile,
+        compile_options=compile_options,
+        example_inputs=example_inputs,
+        site_roles=site_roles,
     )
     config = resolve_config(config) if not isinstance(config, str) else config
     adapter_name = name or (config if isinstance(config, str) else config.architecture)

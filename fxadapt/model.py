@@ -20,7 +20,7 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 from passes.cleanup import cleanup, clone
 from passes.merge import drop_modules
 from passes.mode import to_eval
-from passes.sites import SiteTable, find_sites
+from passes.sites import SiteTable, find_sites, override_roles
 
 from . import files, summary
 from .adapter import Adapter
@@ -46,7 +46,11 @@ def _signature(tensors: dict[str, torch.Tensor], static: dict[str, Any]) -> tupl
 
 
 class AdaptedModel(nn.Module):
-    """A Hugging Face model run through rewritten graphs, with AdapterHub's adapter methods."""
+    """A Hugging Face model run through rewritten graphs, with AdapterHub's adapter methods.
+
+    ``site_roles`` overrides role detection for an unusual model: ``{regex on site key: role}``
+    (roles q, k, v, o, ffn_in, ffn_out; a tuple for a fused projection; ``()`` to exclude a site).
+    """
 
     def __init__(
         self,
@@ -55,6 +59,7 @@ class AdaptedModel(nn.Module):
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
         example_inputs: dict[str, Any] | None = None,
+        site_roles: dict[str, str | tuple[str, ...]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, AdaptedModel):
@@ -65,6 +70,7 @@ class AdaptedModel(nn.Module):
         self.compiled = compile
         self._compile_options = dict(compile_options or {})
         self._example = example_inputs
+        self._site_roles = dict(site_roles or {})
         self._captures: dict[tuple, tuple[Capture, SiteTable]] = {}
         self._runners: dict[tuple, _Runner] = {}
         self._active: tuple[str, ...] = ()
@@ -138,6 +144,8 @@ class AdaptedModel(nn.Module):
             if node.op == "get_attr" and node.target.startswith(CONSTS + "."):
                 node.target = f"{CONSTS}.{slot}.{node.target[len(CONSTS) + 1 :]}"
         sites = find_sites(fx.GraphModule(self, cap.graph), prefix=BASE + ".")
+        if self._site_roles:
+            sites = override_roles(sites, self._site_roles)
         return cap, sites
 
     def _build(self, sig: tuple, training: bool, active: tuple[str, ...], merged: tuple) -> _Runner:

@@ -9,6 +9,7 @@ Names are only the fallback. Nothing here knows about model classes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import deque
 from collections.abc import Iterator
@@ -194,7 +195,7 @@ def _attention_roles(node: fx.Node) -> dict[str, tuple[int, int] | None]:
         elif stop.target in MATMULS:
             if idx == 1 and _backward_reaches(stop.args[0], SOFTMAX):
                 role = "v"
-            elif any(s.target in SOFTMAX for s, _, _ in _forward(stop)) or _feeds_softmax(stop):
+            elif _feeds_softmax(stop):
                 role = "q" if idx == 0 else "k"
         if role and role not in roles:
             roles[role] = sec
@@ -351,3 +352,21 @@ def _resolve(gm: fx.GraphModule, target: str) -> torch.Tensor:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def override_roles(table: SiteTable, roles: dict[str, str | tuple[str, ...]]) -> SiteTable:
+    """Set roles by hand for an unusual model: ``{regex on site key: role(s)}``; ``()`` clears them."""
+    bad = {r for v in roles.values() for r in ((v,) if isinstance(v, str) else v) if r not in ROLES}
+    if bad:
+        raise ValueError(f"unknown role(s) {sorted(bad)}; valid roles: {list(ROLES)}")
+    out = SiteTable()
+    for site in table:
+        for pattern, role in roles.items():
+            if re.search(pattern, site.key):
+                new = (role,) if isinstance(role, str) else tuple(role)
+                fused = len(new) > 1
+                sections = tuple(_thirds(site.out_features, i) for i in range(len(new))) if fused else None
+                site = dataclasses.replace(site, roles=new, sections=sections, found_by="user")
+                break
+        out.append(site)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make
@@ -103,3 +104,15 @@ def test_find_sites_is_pure():
     find_sites(gm)
     assert str(gm.graph) == before
     assert isinstance(gm, fx.GraphModule)
+
+
+def test_user_can_override_roles():
+    model = fxadapt.AdaptedModel(
+        make("bert"), site_roles={r"layer\.0\.attention\.self\.query$": (), "pooler": "o"}
+    )
+    table = model.sites().by_key()
+    assert table["encoder.layer.0.attention.self.query"].roles == ()
+    assert table["pooler.dense"].roles == ("o",) and table["pooler.dense"].found_by == "user"
+    assert table["encoder.layer.1.attention.self.query"].roles == ("q",)
+    with pytest.raises(ValueError, match="valid roles"):
+        fxadapt.AdaptedModel(make("bert"), site_roles={"pooler": "qq"}).sites()

@@ -162,6 +162,8 @@ def _rebase(ep: torch.export.ExportedProgram) -> Capture:
             continue
         if node.target.startswith("m."):
             node.target = f"{BASE}.{node.target[2:]}"
+            if node.name.startswith("m_"):
+                node._rename(node.name[2:])
         else:
             key = node.target.replace(".", "_")
             obj = gm

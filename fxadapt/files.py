@@ -102,7 +102,14 @@ def _read_own(path: Path, raw: dict[str, Any], sites: Any) -> tuple[str, Any, di
 
     method = method_for_architecture(raw.get("architecture", ""))
     config = method.config.from_dict(raw.get("config", {}))
-    return raw.get("name") or path.name, config, read_tensors(path / WEIGHTS)
+    keys = [s.key for s in sites]
+    tensors = {}
+    for key, t in read_tensors(path / WEIGHTS).items():
+        site, _, param = key.rpartition(".")
+        tensors[f"{match_site(site, keys)}.{param}"] = t
+    if getattr(config, "target_sites", None):
+        config = config.replace(target_sites=[match_site(k, keys) for k in config.target_sites])
+    return raw.get("name") or path.name, config, tensors
 
 
 def _reader(raw: dict[str, Any]):

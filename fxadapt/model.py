@@ -76,6 +76,10 @@ class AdaptedModel(nn.Module):
         self._active: tuple[str, ...] = ()
         self._backups: dict[str, dict[str, torch.Tensor]] = {}
         self._default_sig: tuple | None = None
+        try:
+            override_roles(SiteTable(), self._site_roles)  # refuse unknown roles now, not later
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         self.train(model.training)
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
@@ -108,7 +112,8 @@ class AdaptedModel(nn.Module):
 
     def sites(self) -> SiteTable:
         """Where adapters can attach: every projection with its layer and role."""
-        self._runner_key(self._default_inputs())
+        if self._default_sig is None:
+            self._default_sig = self._runner_key(self._default_inputs())[0]
         return self._captures[self._default_sig][1]
 
     def _default_inputs(self) -> dict[str, Any]:
@@ -119,8 +124,6 @@ class AdaptedModel(nn.Module):
         sig = _signature(tensors, static)
         if sig not in self._captures:
             self._captures[sig] = self._capture(kwargs)
-        if self._default_sig is None:
-            self._default_sig = sig
         merged = tuple(n for n in self._backups)
         return (sig, self.training, self._active, merged)
 
@@ -184,17 +187,18 @@ class AdaptedModel(nn.Module):
         modules = method_of(config).build(config, self.sites(), dtype, device)
         self._install(Adapter(name, config, modules), set_active)
 
-    def _check_new_name(self, name: str, overwrite_ok: bool = False) -> None:
+    def _check_new_name(self, name: str, overwrite_ok: bool = False, remedy: str = "") -> None:
         if not isinstance(name, str) or not name or "." in name or not name.isprintable():
             raise ConfigError(f"adapter name must be a non-empty string without dots, got {name!r}")
         if name in self.adapters and not overwrite_ok:
-            raise ConfigError(f"an adapter named {name!r} exists; pass overwrite_ok=True to replace it")
+            remedy = remedy or "pass overwrite_ok=True to replace it"
+            raise ConfigError(f"an adapter named {name!r} exists; {remedy}")
         if name in self._backups:
             raise ConfigError(f"adapter {name!r} is merged; call reset_adapter() before replacing it")
 
     def _install(self, adapter: Adapter, set_active: bool = False) -> None:
         self.adapters[adapter.name] = adapter
-        self._runners.clear()
+        self._forget_graphs(adapter.name)
         if set_active:
             self.set_active_adapters(adapter.name)
 
@@ -213,7 +217,13 @@ class AdaptedModel(nn.Module):
             raise ConfigError(f"adapter {name!r} is merged; call reset_adapter() before deleting it")
         self._active = tuple(n for n in self._active if n != name)
         del self.adapters[name]
-        self._runners.clear()
+        self._forget_graphs(name)
+
+    def _forget_graphs(self, name: str) -> None:
+        """Drop the built graphs that run adapter ``name``; others stay valid (and compiled)."""
+        stale = [k for k in self._runners if name in k[2] or name in k[3]]
+        for k in stale:
+            del self._runners[k]
 
     def set_active_adapters(self, names: str | list[str] | None) -> None:
         """Choose the adapters the forward pass runs (in order); None runs the base model."""
@@ -292,6 +302,6 @@ class AdaptedModel(nn.Module):
     ) -> str:
         """Load an fxadapt, AdapterHub or PEFT adapter folder; the model is unchanged on any error."""
         adapter = files.load(self, adapter_name_or_path, load_as)
-        self._check_new_name(adapter.name)
+        self._check_new_name(adapter.name, remedy="pass load_as='other_name', or delete_adapter() it first")
         self._install(adapter, set_active)
         return adapter.name

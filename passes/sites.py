@@ -358,7 +358,7 @@ def override_roles(table: SiteTable, roles: dict[str, str | tuple[str, ...]]) ->
     """Set roles by hand for an unusual model: ``{regex on site key: role(s)}``; ``()`` clears them."""
     bad = {r for v in roles.values() for r in ((v,) if isinstance(v, str) else v) if r not in ROLES}
     if bad:
-        raise ValueError(f"unknown role(s) {sorted(bad)}; valid roles: {list(ROLES)}")
+        raise ValueError(f"site_roles: unknown role(s) {sorted(bad)}; valid roles: {list(ROLES)}")
     out = SiteTable()
     for site in table:
         for pattern, role in roles.items():

@@ -106,7 +106,7 @@ def test_missing_folder_and_name_clash(tmp_path):
     model, folder = _saved(tmp_path)
     with pytest.raises(fxadapt.AdapterFileError, match="not an adapter folder"):
         model.load_adapter(tmp_path / "nowhere")
-    with pytest.raises(fxadapt.ConfigError, match="exists"):
+    with pytest.raises(fxadapt.ConfigError, match="load_as"):
         model.load_adapter(folder)
     assert model.load_adapter(folder, load_as="b") == "b"
 
@@ -125,3 +125,17 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         model.save_adapter(folder, "a")
     assert (folder / "adapter.safetensors").read_bytes() == original
     assert sorted(os.listdir(folder)) == ["adapter.safetensors", "adapter_config.json"]
+
+
+def test_own_format_loads_across_head_classes(tmp_path):
+    _, folder = _saved(tmp_path)
+    with_head = fxadapt.AdaptedModel(make("bert", head=True))
+    with_head.load_adapter(folder)
+    assert with_head.adapters["a"].site_keys[0] == "bert.encoder.layer.0.attention.self.query"
+    with_head.save_adapter(tmp_path / "again", "a")
+    bare = fxadapt.AdaptedModel(make("bert"))
+    bare.load_adapter(tmp_path / "again")
+    for v1, v2 in zip(
+        with_head.adapters["a"].state_dict().values(), bare.adapters["a"].state_dict().values()
+    ):
+        assert torch.equal(v1, v2)

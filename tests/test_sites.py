@@ -114,5 +114,15 @@ def test_user_can_override_roles():
     assert table["encoder.layer.0.attention.self.query"].roles == ()
     assert table["pooler.dense"].roles == ("o",) and table["pooler.dense"].found_by == "user"
     assert table["encoder.layer.1.attention.self.query"].roles == ("q",)
-    with pytest.raises(ValueError, match="valid roles"):
-        fxadapt.AdaptedModel(make("bert"), site_roles={"pooler": "qq"}).sites()
+    with pytest.raises(fxadapt.ConfigError, match="valid roles"):
+        fxadapt.AdaptedModel(make("bert"), site_roles={"pooler": "qq"})
+
+
+def test_sites_are_those_of_the_default_inputs_whatever_the_first_call():
+    import torch
+
+    model = fxadapt.AdaptedModel(make("bert", head=True))
+    ids = torch.ones(2, 5, dtype=torch.long)
+    model(input_ids=ids, labels=torch.zeros(2, dtype=torch.long))
+    names = {n.name for n in model.graph_module.graph.nodes}
+    assert all(s.node in names for s in model.sites())

@@ -6,12 +6,14 @@ from typing import Any
 
 from torch import nn
 
+from . import ia3 as _ia3  # noqa: F401  (registers the method)
 from . import lora as _lora  # noqa: F401  (registers the method)
 from .capture import capture, example_inputs
 from .config import AdapterConfig
 from .errors import AdapterFileError, CaptureError, ConfigError, FxAdaptError
+from .ia3 import IA3Config
 from .lora import LoRAConfig
-from .methods import method_names, resolve_config
+from .methods import method_names, method_of, resolve_config
 from .model import AdaptedModel
 
 __version__ = "0.1.0"
@@ -34,8 +36,7 @@ def adapt(
         example_inputs=example_inputs,
         site_roles=site_roles,
     )
-    config = resolve_config(config) if not isinstance(config, str) else config
-    adapter_name = name or (config if isinstance(config, str) else config.architecture)
+    adapter_name = name or (config if isinstance(config, str) else method_of(resolve_config(config)).name)
     adapted.add_adapter(adapter_name, config)
     adapted.train_adapter(adapter_name)
     return adapted
@@ -48,6 +49,7 @@ __all__ = [
     "CaptureError",
     "ConfigError",
     "FxAdaptError",
+    "IA3Config",
     "LoRAConfig",
     "adapt",
     "capture",

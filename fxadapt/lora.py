@@ -2,7 +2,9 @@
 
 Config names and defaults follow AdapterHub's ``LoRAConfig``. A fused projection such as GPT-2's
 ``c_attn`` gets one rank-``r`` block per chosen matrix (AdapterHub's layout, ``fused_qkv="split"``) or
-one block over the whole output (PEFT's layout, ``fused_qkv="joint"``).
+one block over the whole output (PEFT's layout, ``fused_qkv="joint"``). With
+``composition_mode="scale"`` the update is a learned rescaling ``y ⊙ (alpha/r) · b`` instead: that
+is (IA)^3, whose preset lives in ``ia3.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .config import AdapterConfig, check
 from .methods import Method, register
 
 ATTN_MATRICES = ("q", "k", "v", "o")
-INITS = ("lora", "bert")
+INITS = ("lora", "bert", "ia3")
+MODES = ("add", "scale")
 
 
 @dataclasses.dataclass
@@ -59,8 +62,12 @@ class LoRAConfig(AdapterConfig):
         bad = [m for m in self.attn_matrices if m not in ATTN_MATRICES]
         check(not bad, f"LoRAConfig.attn_matrices has {bad}; valid: {list(ATTN_MATRICES)}")
         check(
-            self.composition_mode == "add",
-            f"LoRAConfig.composition_mode {self.composition_mode!r} is not valid; valid: ['add']",
+            self.composition_mode in MODES,
+            f"LoRAConfig.composition_mode {self.composition_mode!r} is not valid; valid: {list(MODES)}",
+        )
+        check(
+            self.composition_mode == "add" or self.r == 1,
+            f"composition_mode='scale' learns one vector per projection, so r must be 1, got {self.r}",
         )
         check(self.init_weights in INITS, f"LoRAConfig.init_weights must be one of {list(INITS)}")
         check(self.fused_qkv in ("split", "joint"), "LoRAConfig.fused_qkv must be 'split' or 'joint'")
@@ -108,9 +115,12 @@ class LoRA(nn.Module):
             if init == "lora":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
                 nn.init.zeros_(self.lora_B)
-            else:
+            elif init == "bert":
                 nn.init.normal_(self.lora_A, std=0.02)
                 nn.init.normal_(self.lora_B, std=0.02)
+            else:
+                nn.init.ones_(self.lora_A)
+                nn.init.ones_(self.lora_B)
 
     def full_B(self) -> torch.Tensor:
         """B as one ``[out, blocks·r]`` matrix: block-diagonal over the sections of a fused output."""
@@ -126,6 +136,46 @@ class LoRA(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B A`` as an ``[out, in]`` matrix, for merging."""
         return (self.full_B() @ self.lora_A) * self.scaling
+
+
+class LoRAScale(nn.Module):
+    """A learned per-output-column scale ``y ⊙ (alpha/r) · b``; columns outside ``sections`` keep 1."""
+
+    def __init__(
+        self,
+        out_features: int,
+        config: LoRAConfig,
+        sections: tuple[tuple[int, int], ...] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        sections = sections or ((0, out_features),)
+        self.out_features = out_features
+        self.scaling = config.scaling
+        self.grouped = len(sections) > 1 or sections[0] != (0, out_features)
+        rows = sum(b - a for a, b in sections)
+        self.lora_B = nn.Parameter(torch.empty(rows, 1, dtype=dtype, device=device))
+        if self.grouped:
+            idx = torch.cat([torch.arange(a, b) for a, b in sections])
+            self.register_buffer("out_idx", idx.to(device), persistent=False)
+        with torch.no_grad():
+            if config.init_weights == "ia3":
+                nn.init.ones_(self.lora_B)
+            elif config.init_weights == "bert":
+                nn.init.normal_(self.lora_B, std=0.02)
+            else:
+                nn.init.zeros_(self.lora_B)
+
+    def vector(self) -> torch.Tensor:
+        """The ``[out]`` scale applied to the projection's output."""
+        scale = self.lora_B.reshape(-1) * self.scaling
+        if not self.grouped:
+            return scale
+        return scale.new_ones(self.out_features).index_put((self.out_idx,), scale)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y * self.vector()
 
 
 def select(config: LoRAConfig, sites: SiteTable) -> dict[str, tuple[Site, tuple[str, ...]]]:
@@ -158,12 +208,21 @@ def build(config: LoRAConfig, sites: SiteTable, dtype: torch.dtype, device: Any)
         sections = None
         if site.fused and config.fused_qkv == "split":
             sections = tuple(site.columns(r) for r in roles)
-        modules[key] = LoRA(site.in_features, site.out_features, config, sections, dtype, device)
+        if config.composition_mode == "scale":
+            modules[key] = LoRAScale(site.out_features, config, sections, dtype, device)
+        else:
+            modules[key] = LoRA(site.in_features, site.out_features, config, sections, dtype, device)
     check(bool(modules), "LoRA found no site to adapt: check attn_matrices/leave_out against model.sites()")
     return modules
 
 
-def fold(module: LoRA, weight: torch.Tensor, site: Site) -> None:
+def fold(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, site: Site) -> None:
+    if isinstance(module, LoRAScale):
+        scale = module.vector().to(weight.dtype)
+        weight.mul_(scale if site.transposed else scale[:, None])
+        if bias is not None:
+            bias.mul_(scale)
+        return
     delta = module.delta_weight().to(weight.dtype)
     weight.add_(delta.T if site.transposed else delta)
 

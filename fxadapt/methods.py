@@ -23,8 +23,8 @@ class Method:
     build: Callable[[Any, Any, torch.dtype, torch.device], dict[str, nn.Module]]
     # (graph, sites, {site key: module target}) -> inserted nodes
     insert: Callable[[fx.Graph, Any, dict[str, str]], list[fx.Node]]
-    # (module, weight parameter, site) -> None: folds the module into the weight in place
-    fold: Callable[[nn.Module, torch.Tensor, Any], None] | None = None
+    # (module, weight, bias or None, site) -> None: folds the module into the base weights in place
+    fold: Callable[[nn.Module, torch.Tensor, torch.Tensor | None, Any], None] | None = None
 
 
 METHODS: dict[str, Method] = {}

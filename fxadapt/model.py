@@ -258,8 +258,11 @@ class AdaptedModel(nn.Module):
             for key, module in adapter.items():
                 site = sites[key]
                 weight = self.get_parameter(site.weight)
-                backups.setdefault(site.weight, weight.detach().clone())
-                adapter.method.fold(module, weight, site)
+                bias = self.get_parameter(site.bias) if site.bias else None
+                for target, tensor in ((site.weight, weight), (site.bias, bias)):
+                    if target is not None:
+                        backups.setdefault(target, tensor.detach().clone())
+                adapter.method.fold(module, weight, bias, site)
         self._backups[name] = backups
 
     def reset_adapter(self, name: str | None = None) -> None:

@@ -52,6 +52,7 @@ class Site:
     node: str
     op: str
     weight: str
+    bias: str | None
     in_features: int
     out_features: int
     transposed: bool
@@ -90,6 +91,12 @@ class SiteTable(list):
 
     def by_key(self) -> dict[str, Site]:
         return {s.key: s for s in self}
+
+
+def _bias_of(node: fx.Node) -> str | None:
+    """The get_attr target of a projection's bias, if it has one."""
+    b = node.args[0] if node.target is aten.addmm.default else (node.args[2] if len(node.args) > 2 else None)
+    return b.target if isinstance(b, fx.Node) and b.op == "get_attr" else None
 
 
 def _projection_parts(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -311,6 +318,7 @@ def find_sites(gm: fx.GraphModule, prefix: str = "") -> SiteTable:
                 node=n.name,
                 op=op,
                 weight=d["w"].target,
+                bias=_bias_of(n),
                 in_features=d["in_f"],
                 out_features=d["out_f"],
                 transposed=d["transposed"],

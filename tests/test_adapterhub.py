@@ -1,0 +1,33 @@
+"""AdapterHub's own cases: an adapter saved by AdapterHub computes here what it computed there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import fxadapt
+
+FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
+SUPPORTED = ["bert__lora", "gpt2__lora", "llama__lora", "bert__ia3"]
+
+
+@pytest.mark.parametrize("case", SUPPORTED)
+def test_adapterhub_case(case):
+    folder = FIXTURES / case
+    meta = json.loads((folder / "case.json").read_text())
+    io = load_file(str(folder / "io.safetensors"))
+    inputs = {k[len("input.") :]: v for k, v in io.items() if k.startswith("input.")}
+    base = AutoModel.from_pretrained(folder / "base", attn_implementation="eager")
+    model = fxadapt.AdaptedModel(base).eval()
+    name = model.load_adapter(folder / "adapter", set_active=True)
+    assert name == meta["adapter_name"]
+    assert model.adapter_summary(as_dict=True)[0]["num_params"] == meta["adapter_params"]
+    with torch.no_grad():
+        out = model(**inputs).last_hidden_state
+    torch.testing.assert_close(out, io["expected.last_hidden_state"], atol=meta["atol"], rtol=0)
+    assert (out - io["base.last_hidden_state"]).abs().max() > 10 * meta["atol"]

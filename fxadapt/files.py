@@ -119,11 +119,13 @@ def _reader(raw: dict[str, Any]):
         return _read_own
     if "peft_type" in raw:
         return peft_format.read
+    if isinstance(raw.get("config"), dict) and str(raw.get("version", "")).startswith("adapters."):
+        return adapterhub_format.read
     if isinstance(raw.get("config"), dict) and "architecture" in raw["config"]:
         return adapterhub_format.read
     raise AdapterFileError(
-        f"{CONFIG} is neither fxadapt's, AdapterHub's nor PEFT's format (no 'format', 'peft_type' "
-        "or 'config.architecture' entry)"
+        f"{CONFIG} is neither fxadapt's, AdapterHub's nor PEFT's format (no 'format', 'peft_type', "
+        "'version: adapters.*' or 'config.architecture' entry)"
     )
 
 

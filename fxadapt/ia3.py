@@ -11,6 +11,7 @@ import dataclasses
 
 from passes.lora import insert_lora
 
+from .adapterhub_format import lora_key
 from .lora import LoRAConfig, build, fold
 from .methods import Method, register
 
@@ -27,4 +28,4 @@ class IA3Config(LoRAConfig):
     init_weights: str = "ia3"
 
 
-IA3 = register(Method("ia3", IA3Config, build, insert_lora, fold))
+IA3 = register(Method("ia3", IA3Config, build, insert_lora, fold, adapterhub_key=lora_key))

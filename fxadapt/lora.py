@@ -20,6 +20,7 @@ from torch import nn
 from passes.lora import insert_lora
 from passes.sites import Site, SiteTable
 
+from .adapterhub_format import lora_key
 from .config import AdapterConfig, check
 from .methods import Method, register
 
@@ -227,4 +228,4 @@ def fold(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, sit
     weight.add_(delta.T if site.transposed else delta)
 
 
-LORA = register(Method("lora", LoRAConfig, build, insert_lora, fold))
+LORA = register(Method("lora", LoRAConfig, build, insert_lora, fold, adapterhub_key=lora_key))

@@ -156,15 +156,12 @@ class AdaptedModel(nn.Module):
         graph = clone(cap.graph)
         if not training:
             to_eval(graph)
-        known = sites.by_key()
         for name in active:
             adapter = self.adapters[name]
-            missing = [k for k in adapter.site_keys if k not in known]
-            if missing:
-                raise FxAdaptError(
-                    f"adapter {name!r} needs sites {missing[:3]} that this call's graph does not have"
-                )
-            adapter.method.insert(graph, sites, {k: adapter.target(k) for k in adapter.site_keys})
+            try:
+                adapter.method.insert(graph, sites, {k: adapter.target(k) for k in adapter.site_keys})
+            except (KeyError, ValueError) as exc:
+                raise FxAdaptError(f"adapter {name!r} does not fit the graph of this call: {exc}") from exc
         drop_modules(graph, {self.adapters[n].target(k) for n in merged for k in self.adapters[n].site_keys})
         gm = cleanup(fx.GraphModule(self, graph, class_name="AdaptedGraph"))
         fn = torch.compile(gm, dynamic=True, **self._compile_options) if self.compiled else gm

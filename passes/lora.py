@@ -12,6 +12,9 @@ def insert_lora(graph: fx.Graph, sites: list[Site], targets: dict[str, str]) -> 
     by_name = {n.name: n for n in graph.nodes}
     by_key = {s.key: s for s in sites}
     added = []
+    missing = [k for k in targets if k not in by_key]
+    if missing:
+        raise KeyError(f"sites {missing[:3]} are not in this graph")
     for key, target in targets.items():
         proj = by_name[by_key[key].node]
         x = proj.args[1] if "addmm" in str(proj.target) else proj.args[0]

@@ -9,6 +9,7 @@ from a capture runs over the one root module that owns the base model and the ad
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -147,9 +148,49 @@ def capture(model: nn.Module, kwargs: dict[str, Any], training: bool = True) -> 
     return _rebase(ep)
 
 
+def _inline_grad_regions(gm: fx.GraphModule) -> None:
+    """Inline ``wrap_with_set_grad_enabled`` sub-graphs (e.g. Llama's rotary no-grad block).
+
+    torch.compile breaks the graph at that higher-order op; its operands never require grad
+    (position ids, buffers), so running its ops inline computes the same values with no autograd
+    history, and the compiled graph stays whole.
+    """
+    hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not hop:
+            continue
+        _, sub_node, *operands = node.args
+        sub = getattr(gm, sub_node.target)
+        env: dict[fx.Node, Any] = {}
+        placeholders = iter(operands)
+        outputs: Any = None
+        with graph.inserting_before(node):
+            for inner in sub.graph.nodes:
+                if inner.op == "placeholder":
+                    env[inner] = next(placeholders)
+                elif inner.op == "output":
+                    outputs = fx.node.map_arg(inner.args[0], env.__getitem__)
+                else:
+                    new = graph.node_copy(inner, env.__getitem__)
+                    if inner.op == "get_attr":
+                        new.target = f"{sub_node.target}.{inner.target}"
+                    env[inner] = new
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outputs[user.args[1]])
+                graph.erase_node(user)
+        if node.users:
+            raise CaptureError("a no-grad region of the exported graph is used in an unexpected way")
+        graph.erase_node(node)
+        if not sub_node.users:
+            graph.erase_node(sub_node)
+
+
 def _rebase(ep: torch.export.ExportedProgram) -> Capture:
     """Turn the exported module's graph into a flat-I/O graph over ``base.*`` and ``consts.*``."""
     gm = ep.module()
+    _inline_grad_regions(gm)
     graph = gm.graph
     in_spec = ep.call_spec.in_spec
     names = tuple(in_spec.children()[0].children()[0].context)

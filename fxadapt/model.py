@@ -164,7 +164,7 @@ class AdaptedModel(nn.Module):
                 raise FxAdaptError(f"adapter {name!r} does not fit the graph of this call: {exc}") from exc
         drop_modules(graph, {self.adapters[n].target(k) for n in merged for k in self.adapters[n].site_keys})
         gm = cleanup(fx.GraphModule(self, graph, class_name="AdaptedGraph"))
-        fn = torch.compile(gm, dynamic=True, **self._compile_options) if self.compiled else gm
+        fn = torch.compile(gm, **{"dynamic": True, **self._compile_options}) if self.compiled else gm
         return _Runner(fn=fn, gm=gm, input_names=cap.input_names, out_spec=cap.out_spec)
 
     # ---- adapters ------------------------------------------------------------------------------
@@ -280,6 +280,14 @@ class AdaptedModel(nn.Module):
     @property
     def merged_adapters(self) -> tuple[str, ...]:
         return tuple(self._backups)
+
+    def eject_prefix_tuning(self, name: str) -> None:
+        """Replace a reparameterized prefix by its computed keys/values (``prefix_tuning_flat``)."""
+        from .prefix_tuning import eject
+
+        self._names(name)
+        self.adapters[name] = eject(self.adapters[name])
+        self._forget_graphs(name)
 
     def adapter_summary(self, as_dict: bool = False) -> str | list[dict[str, Any]]:
         """Name, method, parameters, share of the base model, active and trainable, per adapter."""

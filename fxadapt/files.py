@@ -103,13 +103,31 @@ def _read_own(path: Path, raw: dict[str, Any], sites: Any) -> tuple[str, Any, di
     method = method_for_architecture(raw.get("architecture", ""))
     config = method.config.from_dict(raw.get("config", {}))
     keys = [s.key for s in sites]
-    tensors = {}
-    for key, t in read_tensors(path / WEIGHTS).items():
-        site, _, param = key.rpartition(".")
-        tensors[f"{match_site(site, keys)}.{param}"] = t
+    tensors = {_own_key(key, keys): t for key, t in read_tensors(path / WEIGHTS).items()}
     if getattr(config, "target_sites", None):
         config = config.replace(target_sites=[match_site(k, keys) for k in config.target_sites])
     return raw.get("name") or path.name, config, tensors
+
+
+def _own_key(key: str, site_keys: list[str]) -> str:
+    """``<site key>.<param path>`` with the site matched onto this model; the param path may be nested.
+
+    The longest prefix naming a site wins (exactly, else by ``match_site``). A key whose prefix is
+    no site (a method's own tensor, such as a bottleneck adapter's ``shared_parameters.*``) is kept
+    as it is; the shape check against the built adapter reports it if it does not belong.
+    """
+    parts = key.split(".")
+    known = set(site_keys)
+    prefixes = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+    for prefix in prefixes:
+        if prefix in known:
+            return key
+    for i, prefix in enumerate(prefixes):
+        try:
+            return f"{match_site(prefix, site_keys)}.{'.'.join(parts[len(parts) - 1 - i :])}"
+        except AdapterFileError:
+            continue
+    return key
 
 
 def _reader(raw: dict[str, Any]):
@@ -129,9 +147,13 @@ def _reader(raw: dict[str, Any]):
     )
 
 
-def load(model: Any, directory: str | os.PathLike, load_as: str | None = None) -> Adapter:
-    """Read a folder into a new, detached Adapter that fits ``model``; raises before any change."""
-    path = Path(directory)
+def load(
+    model: Any, directory: str | os.PathLike, load_as: str | None = None, revision: str | None = None
+) -> Adapter:
+    """Read a folder (or hub repo) into a new, detached Adapter that fits ``model``; raises before any change."""
+    from .hub import resolve
+
+    path = resolve(directory, revision)
     if not (path / CONFIG).is_file():
         raise AdapterFileError(f"{path} has no {CONFIG}: not an adapter folder")
     try:

@@ -307,9 +307,13 @@ class AdaptedModel(nn.Module):
         adapter_name_or_path: str | os.PathLike,
         load_as: str | None = None,
         set_active: bool = False,
+        revision: str | None = None,
     ) -> str:
-        """Load an fxadapt, AdapterHub or PEFT adapter folder; the model is unchanged on any error."""
-        adapter = files.load(self, adapter_name_or_path, load_as)
+        """Load an fxadapt, AdapterHub or PEFT adapter from a folder or a Hub repo id ("org/name").
+
+        The model is unchanged on any error.
+        """
+        adapter = files.load(self, adapter_name_or_path, load_as, revision)
         self._check_new_name(adapter.name, remedy="pass load_as='other_name', or delete_adapter() it first")
         self._install(adapter, set_active)
         return adapter.name

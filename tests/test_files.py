@@ -139,3 +139,34 @@ def test_own_format_loads_across_head_classes(tmp_path):
         with_head.adapters["a"].state_dict().values(), bare.adapters["a"].state_dict().values()
     ):
         assert torch.equal(v1, v2)
+
+
+def _fake_hub_cache(cache, repo_id, source):
+    """Lay out ``source``'s files as the Hugging Face hub cache does for ``repo_id``."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(source, repo / "snapshots" / commit)
+
+
+def test_load_from_hub_cache_offline(tmp_path, monkeypatch):
+    model, folder = _saved(tmp_path)
+    _fake_hub_cache(tmp_path / "hub", "someone/bert-lora", folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    other = fxadapt.AdaptedModel(make("bert"))
+    assert other.load_adapter("someone/bert-lora", load_as="hubbed") == "hubbed"
+    for v1, v2 in zip(
+        model.adapters["a"].state_dict().values(), other.adapters["hubbed"].state_dict().values()
+    ):
+        assert torch.equal(v1, v2)
+    with pytest.raises(fxadapt.AdapterFileError, match="could not be fetched"):
+        other.load_adapter("someone/not-cached")
+    assert list(other.adapters) == ["hubbed"]

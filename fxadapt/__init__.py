@@ -6,12 +6,25 @@ from typing import Any
 
 from torch import nn
 
+from . import bottleneck as _bottleneck  # noqa: F401  (registers the methods)
+from . import compacter as _compacter  # noqa: F401  (registers the methods)
 from . import ia3 as _ia3  # noqa: F401  (registers the method)
+from . import invertible as _invertible  # noqa: F401  (registers the methods)
 from . import lora as _lora  # noqa: F401  (registers the method)
+from .bottleneck import (
+    AdapterPlusConfig,
+    BnConfig,
+    DoubleSeqBnConfig,
+    ParBnConfig,
+    ScaledParBnConfig,
+    SeqBnConfig,
+)
 from .capture import capture, example_inputs
+from .compacter import CompacterConfig, CompacterPlusPlusConfig
 from .config import AdapterConfig
 from .errors import AdapterFileError, CaptureError, ConfigError, FxAdaptError
 from .ia3 import IA3Config
+from .invertible import DoubleSeqBnInvConfig, SeqBnInvConfig
 from .lora import LoRAConfig
 from .methods import method_names, method_of, resolve_config
 from .model import AdaptedModel
@@ -46,11 +59,21 @@ __all__ = [
     "AdaptedModel",
     "AdapterConfig",
     "AdapterFileError",
+    "AdapterPlusConfig",
+    "BnConfig",
     "CaptureError",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
     "ConfigError",
+    "DoubleSeqBnConfig",
+    "DoubleSeqBnInvConfig",
     "FxAdaptError",
     "IA3Config",
     "LoRAConfig",
+    "ParBnConfig",
+    "ScaledParBnConfig",
+    "SeqBnConfig",
+    "SeqBnInvConfig",
     "adapt",
     "capture",
     "example_inputs",

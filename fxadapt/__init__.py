@@ -11,6 +11,8 @@ from . import compacter as _compacter  # noqa: F401  (registers the methods)
 from . import ia3 as _ia3  # noqa: F401  (registers the method)
 from . import invertible as _invertible  # noqa: F401  (registers the methods)
 from . import lora as _lora  # noqa: F401  (registers the method)
+from . import prefix_tuning as _prefix_tuning  # noqa: F401  (registers the methods)
+from . import prompt_tuning as _prompt_tuning  # noqa: F401  (registers the method)
 from .bottleneck import (
     AdapterPlusConfig,
     BnConfig,
@@ -28,6 +30,8 @@ from .invertible import DoubleSeqBnInvConfig, SeqBnInvConfig
 from .lora import LoRAConfig
 from .methods import method_names, method_of, resolve_config
 from .model import AdaptedModel
+from .prefix_tuning import PrefixTuningConfig, PrefixTuningFlatConfig
+from .prompt_tuning import PromptTuningConfig
 
 __version__ = "0.1.0"
 
@@ -71,6 +75,9 @@ __all__ = [
     "IA3Config",
     "LoRAConfig",
     "ParBnConfig",
+    "PrefixTuningConfig",
+    "PrefixTuningFlatConfig",
+    "PromptTuningConfig",
     "ScaledParBnConfig",
     "SeqBnConfig",
     "SeqBnInvConfig",

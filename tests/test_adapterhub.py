@@ -24,6 +24,10 @@ SUPPORTED = [
     "bert__seq_bn_inv",
     "gpt2__seq_bn",
     "llama__seq_bn",
+    "bert__prefix_tuning",
+    "gpt2__prefix_tuning",
+    "llama__prefix_tuning",
+    "bert__prompt_tuning",
 ]
 # bert__compacter__reduction_factor-4 lacks the shared PHM rule AdapterHub did not save: see test_bottleneck.py
 

@@ -75,3 +75,25 @@ def main_output(out) -> torch.Tensor:
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+def compiled_graph_count(arch: str, config, training: bool) -> int:
+    """Graphs torch.compile makes of one call (and its backward) of an adapted model: 1 = no break."""
+    import fxadapt
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = fxadapt.adapt(make(arch, head=True), config, compile_options={"backend": counting_backend})
+    model.train(training)
+    inputs = batch()
+    labels = inputs["input_ids"] if arch == "llama" else torch.tensor([0, 1])
+    with torch.set_grad_enabled(training):
+        out = model(**inputs, labels=labels)
+    if training:
+        out.loss.backward()
+    return len(graphs)

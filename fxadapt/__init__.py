@@ -13,6 +13,7 @@ from . import invertible as _invertible  # noqa: F401  (registers the methods)
 from . import lora as _lora  # noqa: F401  (registers the method)
 from . import prefix_tuning as _prefix_tuning  # noqa: F401  (registers the methods)
 from . import prompt_tuning as _prompt_tuning  # noqa: F401  (registers the method)
+from . import reft as _reft  # noqa: F401  (registers the methods)
 from .bottleneck import (
     AdapterPlusConfig,
     BnConfig,
@@ -32,6 +33,7 @@ from .methods import method_names, method_of, resolve_config
 from .model import AdaptedModel
 from .prefix_tuning import PrefixTuningConfig, PrefixTuningFlatConfig
 from .prompt_tuning import PromptTuningConfig
+from .reft import DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig
 
 __version__ = "0.1.0"
 
@@ -69,15 +71,19 @@ __all__ = [
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "ConfigError",
+    "DiReftConfig",
     "DoubleSeqBnConfig",
     "DoubleSeqBnInvConfig",
     "FxAdaptError",
     "IA3Config",
     "LoRAConfig",
+    "LoReftConfig",
+    "NoReftConfig",
     "ParBnConfig",
     "PrefixTuningConfig",
     "PrefixTuningFlatConfig",
     "PromptTuningConfig",
+    "ReftConfig",
     "ScaledParBnConfig",
     "SeqBnConfig",
     "SeqBnInvConfig",

@@ -17,7 +17,7 @@ from .methods import method_for_architecture
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.loras\.(?P<name>[^.]+)\.(?P<param>[^.]+)$")
 
 
-def lora_key(key: str, sites: Any) -> str | None:
+def lora_key(key: str, sites: Any, config: Any = None) -> str | None:
     """``<module>.loras.<name>.<param>`` -> ``<site>.<param>``: LoRA and (IA)^3 name tensors by module."""
     m = _LORA_KEY.match(key)
     if m is None:
@@ -33,7 +33,7 @@ def read(path: Path, raw: dict[str, Any], sites: Any) -> tuple[str, Any, dict[st
     tensors = read_tensors(first_existing(path, ("adapter.safetensors", "pytorch_adapter.bin")))
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        mapped = method.adapterhub_key(key, sites) if method.adapterhub_key else None
+        mapped = method.adapterhub_key(key, sites, config) if method.adapterhub_key else None
         if mapped is None:
             raise AdapterFileError(f"AdapterHub tensor {key!r} cannot be mapped onto an fxadapt site")
         out[mapped] = t

@@ -302,7 +302,7 @@ _INV_KEY = re.compile(r"^(?:.*\.)?invertible_adapters\.(?P<name>[^.]+)\.(?P<para
 _LAYER_KEY = re.compile(r"^(?P<path>.+)\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$")
 
 
-def adapterhub_key(key: str, sites: Any) -> str | None:
+def adapterhub_key(key: str, sites: Any, config: Any = None) -> str | None:
     """AdapterHub's bottleneck tensor names onto fxadapt's ``<site key>.<param>``.
 
     ``<stack>.<i>.<block>.adapters.<name>.<param>`` names layer ``i``'s adapter; ``<block>`` says

@@ -25,8 +25,8 @@ class Method:
     insert: Callable[[fx.Graph, Any, dict[str, str]], list[fx.Node]]
     # (module, weight, bias or None, site) -> None: folds the module into the base weights in place
     fold: Callable[[nn.Module, torch.Tensor, torch.Tensor | None, Any], None] | None = None
-    # (AdapterHub tensor name, site table) -> fxadapt name "<site key>.<param>", or None if foreign
-    adapterhub_key: Callable[[str, Any], str | None] | None = None
+    # (AdapterHub tensor name, site table, config) -> fxadapt name "<site key>.<param>", or None if foreign
+    adapterhub_key: Callable[[str, Any, Any], str | None] | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -236,7 +236,7 @@ _PARAMS = {"wte.weight", "control_trans.0.weight", "control_trans.0.bias", "cont
 _PARAMS |= {"control_trans.2.bias", "control_trans"}
 
 
-def adapterhub_key(key: str, sites: Any) -> str | None:
+def adapterhub_key(key: str, sites: Any, config: Any = None) -> str | None:
     """AdapterHub's pool (stored under every layer and once at the top) -> ``<first k site>.<param>``."""
     layers = attention_layers(sites)
     m = _POOL.match(key)

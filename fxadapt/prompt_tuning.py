@@ -179,7 +179,7 @@ def build(
 _KEY = re.compile(r"^(?:.+\.)?prompt_tuning\.prompt_tunings\.[^.]+\.(?P<param>prompt_embedding\.weight)$")
 
 
-def adapterhub_key(key: str, sites: Any) -> str | None:
+def adapterhub_key(key: str, sites: Any, config: Any = None) -> str | None:
     """``prompt_tuning.prompt_tunings.<name>.prompt_embedding.weight`` -> ``prompt_tuning.prompt_embedding.weight``."""
     m = _KEY.match(key)
     return f"{KEY}.{m['param']}" if m else None

@@ -204,7 +204,7 @@ def build(config: ReftConfig, sites: SiteTable, dtype: torch.dtype, device: Any)
 _AH_KEY = re.compile(r"^(?P<path>.+)\.reft_layer\.refts\.(?P<name>[^.]+)\.(?P<param>.+)$")
 
 
-def adapterhub_key(key: str, sites: Any) -> str | None:
+def adapterhub_key(key: str, sites: Any, config: Any = None) -> str | None:
     """``<layer path>.reft_layer.refts.<name>.<param>`` -> ``<ffn_out site of that layer>.<param>``."""
     m = _AH_KEY.match(key)
     if m is None:

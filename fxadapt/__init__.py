@@ -14,6 +14,7 @@ from . import lora as _lora  # noqa: F401  (registers the method)
 from . import prefix_tuning as _prefix_tuning  # noqa: F401  (registers the methods)
 from . import prompt_tuning as _prompt_tuning  # noqa: F401  (registers the method)
 from . import reft as _reft  # noqa: F401  (registers the methods)
+from . import union as _union  # noqa: F401  (registers the methods)
 from .bottleneck import (
     AdapterPlusConfig,
     BnConfig,
@@ -34,6 +35,7 @@ from .model import AdaptedModel
 from .prefix_tuning import PrefixTuningConfig, PrefixTuningFlatConfig
 from .prompt_tuning import PromptTuningConfig
 from .reft import DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig
+from .union import ConfigUnion, MAMConfig, UniPELTConfig
 
 __version__ = "0.1.0"
 
@@ -70,6 +72,7 @@ __all__ = [
     "CaptureError",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
+    "ConfigUnion",
     "ConfigError",
     "DiReftConfig",
     "DoubleSeqBnConfig",
@@ -78,6 +81,7 @@ __all__ = [
     "IA3Config",
     "LoRAConfig",
     "LoReftConfig",
+    "MAMConfig",
     "NoReftConfig",
     "ParBnConfig",
     "PrefixTuningConfig",
@@ -87,8 +91,10 @@ __all__ = [
     "ScaledParBnConfig",
     "SeqBnConfig",
     "SeqBnInvConfig",
+    "UniPELTConfig",
     "adapt",
     "capture",
     "example_inputs",
     "method_names",
+    "resolve_config",
 ]

@@ -36,6 +36,17 @@ class Adapter(nn.Module):
     def target(self, site_key: str, root: str = "adapters") -> str:
         return f"{root}.{self.name}.layers.{slot(site_key)}"
 
+    def parts(self) -> list[tuple[Method, AdapterConfig, dict[str, str]]]:
+        """(method, config, {part's site key: this adapter's key}) per part: one unless a union."""
+        method = self.method
+        if method.parts is None:
+            return [(method, self.config, {k: k for k in self.site_keys})]
+        out = []
+        for prefix, config in method.parts(self.config):
+            keys = {k[len(prefix) :]: k for k in self.site_keys if k.startswith(prefix)}
+            out.append((method_of(config), config, keys))
+        return out
+
     def site_state(self) -> dict[str, object]:
         """Tensors keyed ``<site key>.<param>``: the names files use."""
         return {f"{key}.{p}": t for key, m in self.items() for p, t in m.state_dict().items()}

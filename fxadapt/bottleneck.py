@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from passes.attention import attention_layers
 from passes.bottleneck import INVERTIBLE, SHARED, insert_bottleneck
 from passes.sites import Site, SiteTable
 
 from .activations import Activation
+from .adapterhub_format import split_site_key
 from .bottleneck_config import (
     AdapterPlusConfig,
     BnConfig,
@@ -348,8 +350,57 @@ def _same_stack(ours: str, theirs: str) -> bool:
     return ours == theirs or ours.endswith("." + theirs) or theirs.endswith("." + ours)
 
 
+# AdapterHub's layer attribute for each kind, in models whose layers hold the adapters themselves
+_LAYER_ATTRIBUTES = {
+    "mh_adapter": "attention_adapters",
+    "cross_adapter": "cross_attention_adapters",
+    "output_adapter": "output_adapters",
+}
+
+
+def adapterhub_name(key: str, sites: Any, config: Any, name: str) -> list[str]:
+    """fxadapt's ``<site key>.<param>`` -> AdapterHub's names, the inverse of ``adapterhub_key``.
+
+    AdapterHub keeps a layer's adapter in the module that ends the block, where the model has one
+    (BERT's ``attention.output`` / ``output``, the parent of the ``o`` / ``ffn_out`` projection), and
+    otherwise in an attribute of the layer (``h.0.attention_adapters``, ``output_adapters``,
+    ``cross_attention_adapters``). An input layer norm (``ln_before``) is registered twice there,
+    also as ``adapter_norm_before``. The invertible adapter is AdapterHub's base model's, or its
+    encoder's in an encoder-decoder model; the shared PHM parameters are the base model's.
+    """
+    if key.startswith(SHARED + "."):
+        return [f"{SHARED}.{name}.{key[len(SHARED) + 1 :]}"]
+    if key.startswith(INVERTIBLE + "."):
+        return [f"{_invertible_home(sites)}{INVERTIBLE}.{name}.{key[len(INVERTIBLE) + 1 :]}"]
+    by_key = {loc.site.key: loc for loc in locations(sites)}
+    site_key, param = split_site_key(key, by_key)
+    loc = by_key[site_key]
+    parent = site_key.rsplit(".", 1)[0]
+    layer_path = f"{loc.site.stack}.{loc.site.layer}"
+    if parent != layer_path and parent.rsplit(".", 1)[-1] == "output":
+        block = parent
+    else:
+        block = f"{layer_path}.{_LAYER_ATTRIBUTES[loc.kind]}"
+    names = [f"{block}.adapters.{name}.{param}"]
+    if config.ln_before and param.startswith("adapter_down.0."):
+        names.append(f"{block}.adapters.{name}.adapter_norm_before.{param.split('.', 2)[2]}")
+    return names
+
+
+def _invertible_home(sites: Any) -> str:
+    """``""``, or the encoder's module path plus ``.`` where AdapterHub keeps it (encoder-decoder models)."""
+    encoder = next((layer for layer in attention_layers(sites) if layer.location == "encoder"), None)
+    if encoder is None:
+        return ""
+    stack = {s.key: s for s in sites}[encoder.key].stack or ""
+    return stack.rsplit(".", 1)[0] + "." if "." in stack else ""
+
+
 def register_preset(name: str, config: type[BnConfig], *aliases: str) -> Method:
-    return register(Method(name, config, build, insert_bottleneck, None, adapterhub_key), *aliases)
+    method = Method(
+        name, config, build, insert_bottleneck, None, adapterhub_key, adapterhub_name=adapterhub_name
+    )
+    return register(method, *aliases)
 
 
 BOTTLENECK = register_preset("bottleneck", BnConfig)

@@ -59,6 +59,11 @@ class BnConfig(AdapterConfig):
     phm_bias: bool = True
     stochastic_depth: float = 0.0
 
+    def to_adapterhub_dict(self) -> dict[str, Any]:
+        out = super().to_adapterhub_dict()
+        del out["architecture"]  # AdapterHub's BnConfig has none: a config without one is a bottleneck
+        return out
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)

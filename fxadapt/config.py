@@ -15,6 +15,9 @@ class AdapterConfig:
     architecture: ClassVar[str] = ""
     # AdapterHub options fxadapt accepts only at their default value: name -> default.
     foreign_defaults: ClassVar[dict[str, Any]] = {}
+    # Options AdapterHub's config cannot hold: name -> the value AdapterHub always uses. They are
+    # left out of AdapterHub's dict, and an adapter with another value cannot be written there.
+    local_options: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -26,6 +29,25 @@ class AdapterConfig:
         out = dataclasses.asdict(self)
         out["architecture"] = self.architecture
         return out
+
+    def to_adapterhub_dict(self) -> dict[str, Any]:
+        """The ``config`` entry of AdapterHub's ``adapter_config.json``: exactly its config class's keys.
+
+        ``to_dict()`` without the options AdapterHub's config cannot hold (``local_options``; one
+        not at AdapterHub's value raises ConfigError, since AdapterHub would rebuild another
+        adapter), and with the AdapterHub options fxadapt only takes at their default
+        (``foreign_defaults``).
+        """
+        out = self.to_dict()
+        for key, default in self.local_options.items():
+            value = out.pop(key, default)
+            if value != default:
+                raise ConfigError(
+                    f"{type(self).__name__}: option {key}={value!r} cannot be written in AdapterHub's "
+                    f"format: AdapterHub's config cannot hold it, and AdapterHub would rebuild the adapter "
+                    f"with {key}={default!r}. Save with format='fxadapt'"
+                )
+        return {**self.foreign_defaults, **out}
 
     def replace(self, **changes: Any) -> AdapterConfig:
         return self.from_dict({**self.to_dict(), **changes})

@@ -42,8 +42,20 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def save(model: Any, directory: str | os.PathLike, name: str, format: str = FORMAT) -> None:
-    if format != FORMAT:
-        raise ConfigError(f"unknown adapter file format {format!r}; valid: [{FORMAT!r}]")
+    """Write adapter ``name`` into ``directory`` in ``format``: ``"fxadapt"`` or ``"adapterhub"``."""
+    writers = _writers()
+    if format not in writers:
+        raise ConfigError(f"unknown adapter file format {format!r}; valid: {sorted(writers)}")
+    writers[format](model, directory, name)
+
+
+def _writers() -> dict[str, Any]:
+    from . import adapterhub_format
+
+    return {FORMAT: _write_own, "adapterhub": adapterhub_format.write}
+
+
+def _write_own(model: Any, directory: str | os.PathLike, name: str) -> None:
     from . import __version__
 
     adapter = model.adapters[name]
@@ -103,7 +115,12 @@ def _read_own(path: Path, raw: dict[str, Any], sites: Any) -> tuple[str, Any, di
     method = method_for_architecture(raw.get("architecture", ""))
     config = method.config.from_dict(raw.get("config", {}))
     keys = [s.key for s in sites]
-    tensors = {_own_key(key, keys): t for key, t in read_tensors(path / WEIGHTS).items()}
+    # a union's keys start with its part's prefix ("0.", "1.", ...): map the rest onto this model
+    prefixes = sorted((p for p, _ in method.parts(config)), key=len, reverse=True) if method.parts else []
+    tensors = {}
+    for key, t in read_tensors(path / WEIGHTS).items():
+        prefix = next((p for p in prefixes if key.startswith(p)), "")
+        tensors[prefix + _own_key(key[len(prefix) :], keys)] = t
     if getattr(config, "target_sites", None):
         config = config.replace(target_sites=[match_site(k, keys) for k in config.target_sites])
     return raw.get("name") or path.name, config, tensors

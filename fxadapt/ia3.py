@@ -11,7 +11,7 @@ import dataclasses
 
 from passes.lora import insert_lora
 
-from .adapterhub_format import lora_key
+from .adapterhub_format import lora_key, lora_name
 from .lora import LoRAConfig, build, fold
 from .methods import Method, register
 
@@ -28,4 +28,6 @@ class IA3Config(LoRAConfig):
     init_weights: str = "ia3"
 
 
-IA3 = register(Method("ia3", IA3Config, build, insert_lora, fold, adapterhub_key=lora_key))
+IA3 = register(
+    Method("ia3", IA3Config, build, insert_lora, fold, adapterhub_key=lora_key, adapterhub_name=lora_name)
+)

@@ -20,7 +20,7 @@ from torch import nn
 from passes.lora import insert_lora
 from passes.sites import Site, SiteTable
 
-from .adapterhub_format import lora_key
+from .adapterhub_format import lora_key, lora_name
 from .config import AdapterConfig, check
 from .methods import Method, register
 
@@ -35,13 +35,15 @@ class LoRAConfig(AdapterConfig):
 
     architecture = "lora"
     foreign_defaults = {
-        "use_gating": False,
         "use_dora": False,
         "vera_d": None,
         "vera_b": None,
         "dtype": None,
         "init_weights_seed": None,
     }
+    # AdapterHub gives a fused projection one block per matrix (fused_qkv="split") and picks sites
+    # only by selfattn_lora/attn_matrices/intermediate_lora/output_lora/leave_out
+    local_options = {"fused_qkv": "split", "target_sites": None}
 
     selfattn_lora: bool = True
     intermediate_lora: bool = False
@@ -53,6 +55,7 @@ class LoRAConfig(AdapterConfig):
     attn_matrices: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])
     composition_mode: str = "add"
     init_weights: str = "lora"
+    use_gating: bool = False
     fused_qkv: str = "split"
     target_sites: list[str] | None = None
 
@@ -110,6 +113,7 @@ class LoRA(nn.Module):
             self.register_buffer("out_idx", out_idx.to(device), persistent=False)
             self.register_buffer("rank_idx", rank_idx.to(device), persistent=False)
         self.reset_parameters(config.init_weights)
+        self.gate = _gate(in_features, sections, self, config, kw) if config.use_gating else None
 
     def reset_parameters(self, init: str = "lora") -> None:
         with torch.no_grad():
@@ -130,9 +134,11 @@ class LoRA(nn.Module):
         full = self.lora_B.new_zeros(self.out_features, self.lora_A.shape[0])
         return full.index_put((self.out_idx, self.rank_idx), self.lora_B.reshape(-1))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         delta = F.linear(F.linear(self.dropout(x), self.lora_A), self.full_B())
-        return y + delta * self.scaling
+        if self.gate is None:
+            return y + delta * self.scaling
+        return y + _rowwise(delta, _gate_values(self, x if src is None else src))
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B A`` as an ``[out, in]`` matrix, for merging."""
@@ -149,6 +155,7 @@ class LoRAScale(nn.Module):
         sections: tuple[tuple[int, int], ...] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        in_features: int | None = None,
     ) -> None:
         super().__init__()
         sections = sections or ((0, out_features),)
@@ -167,16 +174,59 @@ class LoRAScale(nn.Module):
                 nn.init.normal_(self.lora_B, std=0.02)
             else:
                 nn.init.zeros_(self.lora_B)
+        self.gate = None
+        if config.use_gating:
+            check(in_features is not None, "a gated (IA)^3 vector needs the projection's in_features")
+            self.gate = _gate(in_features, sections, self, config, dict(dtype=dtype, device=device))
 
-    def vector(self) -> torch.Tensor:
+    def vector(self, scaled: bool = True) -> torch.Tensor:
         """The ``[out]`` scale applied to the projection's output."""
-        scale = self.lora_B.reshape(-1) * self.scaling
+        scale = self.lora_B.reshape(-1) * (self.scaling if scaled else 1.0)
         if not self.grouped:
             return scale
         return scale.new_ones(self.out_features).index_put((self.out_idx,), scale)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y * self.vector()
+    def forward(self, x: torch.Tensor, y: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gate is None:
+            return y * self.vector()
+        return _rowwise(y * self.vector(scaled=False), _gate_values(self, x if src is None else src))
+
+
+def _gate(
+    in_features: int, sections: tuple[tuple[int, int], ...], owner: nn.Module, config: LoRAConfig, kw: dict
+) -> nn.Linear:
+    """UniPELT's gate (AdapterHub's ``use_gating``): one logit per adapted block, from the layer input.
+
+    A gated module's update is multiplied by ``mean_seq(sigmoid(gate(x)))`` instead of ``alpha/r``.
+    ``head_idx`` maps each output column to its block's gate; columns outside every block read a
+    constant 1 (index ``heads``).
+    """
+    heads = len(sections) if owner.grouped else 1
+    gate = nn.Linear(in_features, heads, **kw)
+    with torch.no_grad():
+        nn.init.normal_(gate.weight, std=0.02)
+    if owner.grouped:
+        idx = torch.full((owner.out_features,), heads, dtype=torch.long)
+        for i, (a, b) in enumerate(sections):
+            idx[a:b] = i
+        owner.register_buffer("head_idx", idx.to(kw.get("device")), persistent=False)
+    return gate
+
+
+def _gate_values(owner: nn.Module, src: torch.Tensor) -> torch.Tensor:
+    """``[batch, 1, out or 1]`` gate values from the layer input ``src`` (batch, seq, features)."""
+    src = src if src.dim() >= 3 else src.unsqueeze(0)
+    g = torch.sigmoid(owner.gate(src)).mean(dim=1)
+    if owner.grouped:
+        g = torch.cat([g, g.new_ones(g.shape[0], 1)], dim=-1).index_select(-1, owner.head_idx)
+    return g.unsqueeze(1)
+
+
+def _rowwise(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``t * g`` per batch row; ``t`` may be (batch, seq, out) or flattened to (batch·seq, out)."""
+    if t.dim() == g.dim():
+        return t * g
+    return (t.reshape(g.shape[0], -1, t.shape[-1]) * g).reshape(t.shape)
 
 
 def select(config: LoRAConfig, sites: SiteTable) -> dict[str, tuple[Site, tuple[str, ...]]]:
@@ -210,7 +260,7 @@ def build(config: LoRAConfig, sites: SiteTable, dtype: torch.dtype, device: Any)
         if site.fused and config.fused_qkv == "split":
             sections = tuple(site.columns(r) for r in roles)
         if config.composition_mode == "scale":
-            modules[key] = LoRAScale(site.out_features, config, sections, dtype, device)
+            modules[key] = LoRAScale(site.out_features, config, sections, dtype, device, site.in_features)
         else:
             modules[key] = LoRA(site.in_features, site.out_features, config, sections, dtype, device)
     check(bool(modules), "LoRA found no site to adapt: check attn_matrices/leave_out against model.sites()")
@@ -218,6 +268,10 @@ def build(config: LoRAConfig, sites: SiteTable, dtype: torch.dtype, device: Any)
 
 
 def fold(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, site: Site) -> None:
+    check(
+        getattr(module, "gate", None) is None,
+        "a gated LoRA/(IA)^3 (use_gating=True) scales its update by the input, so it cannot be merged",
+    )
     if isinstance(module, LoRAScale):
         scale = module.vector().to(weight.dtype)
         weight.mul_(scale if site.transposed else scale[:, None])
@@ -228,4 +282,6 @@ def fold(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, sit
     weight.add_(delta.T if site.transposed else delta)
 
 
-LORA = register(Method("lora", LoRAConfig, build, insert_lora, fold, adapterhub_key=lora_key))
+LORA = register(
+    Method("lora", LoRAConfig, build, insert_lora, fold, adapterhub_key=lora_key, adapterhub_name=lora_name)
+)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ast
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,12 @@ class Method:
     fold: Callable[[nn.Module, torch.Tensor, torch.Tensor | None, Any], None] | None = None
     # (AdapterHub tensor name, site table, config) -> fxadapt name "<site key>.<param>", or None if foreign
     adapterhub_key: Callable[[str, Any, Any], str | None] | None = None
+    # (fxadapt name "<site key>.<param path>", site table, config, adapter name) -> the AdapterHub
+    # tensor name, or several (a tensor AdapterHub stores under several modules), or none (one it does
+    # not store); the inverse of adapterhub_key. Without it the method cannot be saved in AdapterHub's format.
+    adapterhub_name: Callable[[str, Any, Any, str], str | Sequence[str]] | None = None
+    # config -> [(key prefix, part config)]: a method made of other methods' parts (a ConfigUnion)
+    parts: Callable[[Any], list[tuple[str, AdapterConfig]]] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -45,12 +53,52 @@ def method_names() -> list[str]:
 
 
 def resolve_config(config: str | AdapterConfig) -> AdapterConfig:
-    """A config object from a config or a method name such as ``"lora"``."""
+    """A config object from a config or a config string, in AdapterHub's syntax.
+
+    A string is a method name (``"lora"``), optionally with options (``"lora[r=4,alpha=8]"``);
+    several joined with ``|`` make a union (``"lora|prefix_tuning[prefix_length=10]"``).
+    """
     if isinstance(config, AdapterConfig):
         return config
-    if isinstance(config, str) and config in _ALIASES:
-        return METHODS[_ALIASES[config]].config()
-    raise ConfigError(f"unknown adapter method {config!r}; valid names: {', '.join(method_names())}")
+    if not isinstance(config, str):
+        raise ConfigError(
+            f"an adapter config must be a config object or a string, got {type(config).__name__}"
+        )
+    parts = [p.strip() for p in config.split("|")]
+    if len(parts) > 1:
+        if "union" not in METHODS:
+            raise ConfigError("config unions are not available")
+        return METHODS["union"].config(*[resolve_config(p) for p in parts])
+    m = _CONFIG_STRING.match(config.strip())
+    if m is None or m["name"] not in _ALIASES:
+        raise ConfigError(f"unknown adapter method {config!r}; valid names: {', '.join(method_names())}")
+    base = METHODS[_ALIASES[m["name"]]].config()
+    return base.replace(**_options(m["options"], config)) if m["options"] else base
+
+
+_CONFIG_STRING = re.compile(r"^(?P<name>[^\[\]|]+?)\s*(?:\[(?P<options>.*)\])?$", re.S)
+
+
+def _options(text: str, whole: str) -> dict[str, Any]:
+    """``k=v,k2=[1,2]`` -> a dict; values are Python literals, or bare words taken as strings."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += ch in "[({"
+        depth -= ch in "])}"
+        if ch == "," and depth == 0:
+            if text[start:i].strip():
+                items.append(text[start:i])
+            start = i + 1
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"config string {whole!r}: {item.strip()!r} is not of the form option=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
 
 
 def method_of(config: AdapterConfig) -> Method:

@@ -23,7 +23,7 @@ from passes.mode import to_eval
 from passes.sites import SiteTable, find_sites, override_roles
 
 from . import files, summary
-from .adapter import Adapter
+from .adapter import Adapter, slot
 from .capture import BASE, CONSTS, Capture, capture, example_inputs, split_inputs
 from .config import AdapterConfig
 from .errors import ConfigError, FxAdaptError
@@ -159,7 +159,8 @@ class AdaptedModel(nn.Module):
         for name in active:
             adapter = self.adapters[name]
             try:
-                adapter.method.insert(graph, sites, {k: adapter.target(k) for k in adapter.site_keys})
+                for method, _, keys in adapter.parts():
+                    method.insert(graph, sites, {k: adapter.target(key) for k, key in keys.items()})
             except (KeyError, ValueError) as exc:
                 raise FxAdaptError(f"adapter {name!r} does not fit the graph of this call: {exc}") from exc
         drop_modules(graph, {self.adapters[n].target(k) for n in merged for k in self.adapters[n].site_keys})
@@ -245,21 +246,29 @@ class AdaptedModel(nn.Module):
         """Fold the adapter into the base weights and drop its nodes from the graph."""
         self._names(name)
         adapter = self.adapters[name]
-        if adapter.method.fold is None:
-            raise ConfigError(f"{adapter.method.name} adapters cannot be merged into the base weights")
+        parts = adapter.parts()
+        unfoldable = [m.name for m, _, _ in parts if m.fold is None]
+        if unfoldable:
+            raise ConfigError(f"{', '.join(unfoldable)} adapters cannot be merged into the base weights")
         if name in self._backups:
             raise ConfigError(f"adapter {name!r} is already merged")
         sites = self.sites().by_key()
         backups: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for key, module in adapter.items():
-                site = sites[key]
-                weight = self.get_parameter(site.weight)
-                bias = self.get_parameter(site.bias) if site.bias else None
-                for target, tensor in ((site.weight, weight), (site.bias, bias)):
-                    if target is not None:
-                        backups.setdefault(target, tensor.detach().clone())
-                adapter.method.fold(module, weight, bias, site)
+            try:
+                for method, _, keys in parts:
+                    for key, own in keys.items():
+                        site = sites[key]
+                        weight = self.get_parameter(site.weight)
+                        bias = self.get_parameter(site.bias) if site.bias else None
+                        for target, tensor in ((site.weight, weight), (site.bias, bias)):
+                            if target is not None:
+                                backups.setdefault(target, tensor.detach().clone())
+                        method.fold(adapter.layers[slot(own)], weight, bias, site)
+            except Exception:
+                for target, original in backups.items():  # a refused fold leaves the weights as they were
+                    self.get_parameter(target).copy_(original)
+                raise
         self._backups[name] = backups
 
     def reset_adapter(self, name: str | None = None) -> None:
@@ -298,7 +307,14 @@ class AdaptedModel(nn.Module):
     def save_adapter(
         self, save_directory: str | os.PathLike, adapter_name: str, format: str = "fxadapt"
     ) -> None:
-        """Write ``adapter_config.json`` + ``adapter.safetensors`` (atomically) for one adapter."""
+        """Write one adapter into ``save_directory`` (created if missing), each file atomically.
+
+        ``format="fxadapt"``: ``adapter_config.json`` + ``adapter.safetensors``, every fxadapt option.
+        ``format="adapterhub"``: what AdapterHub's ``save_adapter`` writes (``adapter_config.json`` +
+        ``pytorch_adapter.bin``), so that its ``model.load_adapter(save_directory)`` loads it; an option
+        AdapterHub cannot express (LoRA's ``fused_qkv="joint"`` or ``target_sites``) raises ConfigError
+        before anything is written. See docs/formats.md.
+        """
         self._names(adapter_name)
         files.save(self, save_directory, adapter_name, format)
 

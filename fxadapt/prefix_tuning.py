@@ -228,7 +228,7 @@ def eject(adapter: Adapter) -> Adapter:
 
 # ---- AdapterHub names ------------------------------------------------------------------------------
 _POOL = re.compile(
-    r"^(?:.+\.prefix_tuning\.pool|prefix_tuning)\.prefix_tunings\.[^.]+\."
+    r"^(?:.+\.prefix_tuning\.pool|(?:.+\.)?prefix_tuning)\.prefix_tunings\.[^.]+\."
     r"(?:[^.]+_)?(?P<loc>self|encoder|cross)_prefix\.(?P<param>.+)$"
 )
 _GATE = re.compile(r"^(?P<path>.+)\.prefix_tuning\.prefix_gates\.[^.]+\.(?P<param>weight|bias)$")
@@ -255,6 +255,36 @@ def adapterhub_key(key: str, sites: Any, config: Any = None) -> str | None:
     return None
 
 
+def adapterhub_name(key: str, sites: Any, config: Any, name: str) -> list[str]:
+    """fxadapt's ``<first k site>.<param>`` -> AdapterHub's names, the inverse of ``adapterhub_key``.
+
+    AdapterHub's pool lives in its base model (``prefix_tuning.prefix_tunings.<name>.<loc>_prefix``)
+    and, as every attention's ``PrefixTuningLayer`` holds it, under each attention module too
+    (``<attention>.prefix_tuning.pool.prefix_tunings...``, left-out layers included), so a pool
+    tensor has one name per attention layer plus one. A gate belongs to one attention layer:
+    ``<attention>.prefix_tuning.prefix_gates.<name>.<param>``.
+    """
+    layers = attention_layers(sites)
+    firsts = {}
+    for layer in layers:
+        firsts.setdefault(layer.location, layer)
+    first = next((f for f in firsts.values() if key.startswith(f.key + ".")), None)
+    if first is None:
+        raise ConfigError(f"prefix tuning tensor {key!r} belongs to no attention of this model")
+    param = key[len(first.key) + 1 :]
+    if param.startswith("gates."):
+        _, position, rest = param.split(".", 2)
+        layer = [la for la in layers if la.location == first.location][int(position)]
+        return [f"{_attention_module(layer)}.prefix_tuning.prefix_gates.{name}.{rest}"]
+    pool = f"prefix_tunings.{name}.{first.location}_prefix.{param}"
+    return [f"prefix_tuning.{pool}"] + [f"{_attention_module(la)}.prefix_tuning.pool.{pool}" for la in layers]
+
+
+def _attention_module(layer: AttentionLayer) -> str:
+    """The attention module (AdapterHub's home of its ``prefix_tuning``): its k projection's parent."""
+    return layer.key.rsplit(".", 1)[0]
+
+
 def _layer_under(path: str, layers: list[AttentionLayer]) -> AttentionLayer | None:
     """The attention layer whose k projection sits under module ``path`` (leading names may differ)."""
     parts = path.split(".")
@@ -269,8 +299,22 @@ def _layer_under(path: str, layers: list[AttentionLayer]) -> AttentionLayer | No
 
 
 PREFIX_TUNING = register(
-    Method("prefix_tuning", PrefixTuningConfig, build, insert_prefix, adapterhub_key=adapterhub_key)
+    Method(
+        "prefix_tuning",
+        PrefixTuningConfig,
+        build,
+        insert_prefix,
+        adapterhub_key=adapterhub_key,
+        adapterhub_name=adapterhub_name,
+    )
 )
 PREFIX_TUNING_FLAT = register(
-    Method("prefix_tuning_flat", PrefixTuningFlatConfig, build, insert_prefix, adapterhub_key=adapterhub_key)
+    Method(
+        "prefix_tuning_flat",
+        PrefixTuningFlatConfig,
+        build,
+        insert_prefix,
+        adapterhub_key=adapterhub_key,
+        adapterhub_name=adapterhub_name,
+    )
 )

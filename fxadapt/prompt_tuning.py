@@ -119,6 +119,20 @@ class PromptTuningConfig(AdapterConfig):
         out["architecture"] = self.architecture
         return out
 
+    def to_adapterhub_dict(self) -> dict[str, Any]:
+        text = self.prompt_init_text
+        check(
+            text is None or isinstance(text, str),
+            f"PromptTuningConfig.prompt_init_text={text!r} (token ids) is fxadapt's own; AdapterHub's "
+            "config takes a string, which it tokenizes again when a loaded adapter is added. Save with "
+            "format='fxadapt', or use an adapter made with the text as a string",
+        )
+        out = super().to_adapterhub_dict()
+        # AdapterHub's is a class attribute, not a field; it only draws the first prompt, and the
+        # trained prompt is in the file
+        del out["random_uniform_scale"]
+        return out
+
     def replace(self, **changes: Any) -> PromptTuningConfig:
         return dataclasses.replace(self, **changes)
 
@@ -185,6 +199,18 @@ def adapterhub_key(key: str, sites: Any, config: Any = None) -> str | None:
     return f"{KEY}.{m['param']}" if m else None
 
 
+def adapterhub_name(key: str, sites: Any, config: Any, name: str) -> str:
+    """``prompt_tuning.<param>`` -> ``prompt_tuning.prompt_tunings.<name>.<param>`` (in AdapterHub's base model)."""
+    return f"{KEY}.prompt_tunings.{name}.{key[len(KEY) + 1 :]}"
+
+
 PROMPT_TUNING = register(
-    Method("prompt_tuning", PromptTuningConfig, build, insert_prompt, adapterhub_key=adapterhub_key)
+    Method(
+        "prompt_tuning",
+        PromptTuningConfig,
+        build,
+        insert_prompt,
+        adapterhub_key=adapterhub_key,
+        adapterhub_name=adapterhub_name,
+    )
 )

@@ -31,6 +31,7 @@ from passes.reft import insert_reft
 from passes.sites import SiteTable
 
 from .activations import Activation, activation_names
+from .adapterhub_format import split_site_key
 from .bottleneck import locations
 from .config import AdapterConfig, check
 from .methods import Method, register
@@ -42,6 +43,9 @@ class ReftConfig(AdapterConfig):
 
     architecture = "reft"
     foreign_defaults = {"output_reft": True, "init_weights_seed": None}
+    # AdapterHub's ReftConfig declares subtract_projection without a type: no dataclass field, so its
+    # files cannot hold it and a load always uses True (its own DiReFT files lose it too)
+    local_options = {"subtract_projection": True}
 
     layers: str | list[int] = "all"
     prefix_positions: int = 3
@@ -221,8 +225,18 @@ def adapterhub_key(key: str, sites: Any, config: Any = None) -> str | None:
     return None
 
 
+def adapterhub_name(key: str, sites: Any, config: Any, name: str) -> str:
+    """``<ffn_out site>.<param>`` -> ``<layer>.reft_layer.refts.<name>.<param>``, the inverse of ``adapterhub_key``."""
+    outputs = {loc.site.key: loc for loc in locations(sites) if loc.kind == "output_adapter"}
+    site_key, param = split_site_key(key, outputs)
+    site = outputs[site_key].site
+    return f"{site.stack}.{site.layer}.reft_layer.refts.{name}.{param}"
+
+
 def _register(name: str, config: type[ReftConfig]) -> Method:
-    return register(Method(name, config, build, insert_reft, None, adapterhub_key))
+    return register(
+        Method(name, config, build, insert_reft, None, adapterhub_key, adapterhub_name=adapterhub_name)
+    )
 
 
 REFT = _register("reft", ReftConfig)

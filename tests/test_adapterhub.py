@@ -34,13 +34,18 @@ SUPPORTED = [
 
 @pytest.mark.parametrize("case", SUPPORTED)
 def test_adapterhub_case(case):
+    assert_reproduces_case(case, FIXTURES / case / "adapter")
+
+
+def assert_reproduces_case(case: str, adapter_folder: Path) -> None:
+    """The adapter in ``adapter_folder``, loaded into the case's base, computes AdapterHub's output."""
     folder = FIXTURES / case
     meta = json.loads((folder / "case.json").read_text())
     io = load_file(str(folder / "io.safetensors"))
     inputs = {k[len("input.") :]: v for k, v in io.items() if k.startswith("input.")}
     base = AutoModel.from_pretrained(folder / "base", attn_implementation="eager")
     model = fxadapt.AdaptedModel(base).eval()
-    name = model.load_adapter(folder / "adapter", set_active=True)
+    name = model.load_adapter(adapter_folder, set_active=True)
     assert name == meta["adapter_name"]
     assert model.adapter_summary(as_dict=True)[0]["num_params"] == meta["adapter_params"]
     with torch.no_grad():

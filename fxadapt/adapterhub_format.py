@@ -75,6 +75,8 @@ def read(path: Path, raw: dict[str, Any], sites: Any) -> tuple[str, Any, dict[st
         if mapped is None:
             raise AdapterFileError(f"AdapterHub tensor {key!r} cannot be mapped onto an fxadapt site")
         out[mapped] = t
+    if method.adapterhub_fit is not None:
+        config = method.adapterhub_fit(config, {k.rsplit(".", 1)[0] for k in out}, sites)
     _fill_unsaved_shared(method, config, sites, out, path)
     return raw.get("name") or path.name, config, out
 

@@ -12,7 +12,7 @@ import dataclasses
 from passes.lora import insert_lora
 
 from .adapterhub_format import lora_key, lora_name
-from .lora import LoRAConfig, build, fold
+from .lora import LoRAConfig, build, fit_sites, fold
 from .methods import Method, register
 
 
@@ -29,5 +29,14 @@ class IA3Config(LoRAConfig):
 
 
 IA3 = register(
-    Method("ia3", IA3Config, build, insert_lora, fold, adapterhub_key=lora_key, adapterhub_name=lora_name)
+    Method(
+        "ia3",
+        IA3Config,
+        build,
+        insert_lora,
+        fold,
+        adapterhub_key=lora_key,
+        adapterhub_name=lora_name,
+        adapterhub_fit=fit_sites,
+    )
 )

@@ -253,6 +253,21 @@ def select(config: LoRAConfig, sites: SiteTable) -> dict[str, tuple[Site, tuple[
     return chosen
 
 
+def fit_sites(config: LoRAConfig, named: set[str], sites: SiteTable) -> LoRAConfig:
+    """The config for the sites an AdapterHub file adapts, when its role options pick others.
+
+    AdapterHub chooses LoRA's FFN modules per model class (on Llama, ``intermediate_lora`` adapts
+    ``down_proj`` and ``output_lora`` ``up_proj``, and ``gate_proj`` never), while fxadapt picks
+    sites by role. A file is loaded as what it holds: its own sites, as ``target_sites``.
+    ``named`` holds every ``<site>`` prefix of the file's tensor names (``<site>.<param>``).
+    """
+    chosen = set(select(config, sites))
+    in_file = {k for k in sites.by_key() if k in named}
+    if in_file == chosen or not in_file:
+        return config
+    return config.replace(target_sites=sorted(in_file))
+
+
 def build(config: LoRAConfig, sites: SiteTable, dtype: torch.dtype, device: Any) -> dict[str, nn.Module]:
     modules = {}
     for key, (site, roles) in select(config, sites).items():
@@ -283,5 +298,14 @@ def fold(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, sit
 
 
 LORA = register(
-    Method("lora", LoRAConfig, build, insert_lora, fold, adapterhub_key=lora_key, adapterhub_name=lora_name)
+    Method(
+        "lora",
+        LoRAConfig,
+        build,
+        insert_lora,
+        fold,
+        adapterhub_key=lora_key,
+        adapterhub_name=lora_name,
+        adapterhub_fit=fit_sites,
+    )
 )

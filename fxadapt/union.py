@@ -56,6 +56,9 @@ class ConfigUnion(AdapterConfig):
         parts = [{**c.to_dict(), "method": method_of(c).name} for c in self.configs]
         return {"architecture": self.architecture, "configs": parts}
 
+    def to_adapterhub_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "configs": [c.to_adapterhub_dict() for c in self.configs]}
+
     def replace(self, **changes: Any) -> ConfigUnion:
         """Apply the changes to every part (as AdapterHub does)."""
         return self._of([c.replace(**changes) for c in self.configs])
@@ -169,8 +172,43 @@ def adapterhub_key(key: str, sites: Any, config: ConfigUnion) -> str | None:
     return None
 
 
+def _part_of(key: str, config: ConfigUnion) -> tuple[AdapterConfig, str]:
+    index, _, rest = key.partition(".")
+    return config.configs[int(index)], rest
+
+
+def adapterhub_name(key: str, sites: Any, config: ConfigUnion, name: str) -> Any:
+    """A part's tensor keeps the name its own method gives it (AdapterHub's layout for unions)."""
+    part, rest = _part_of(key, config)
+    hook = method_of(part).adapterhub_name
+    if hook is None:
+        raise ConfigError(f"the union's {method_of(part).name} part has no AdapterHub tensor names")
+    return hook(rest, sites, part, name)
+
+
+def adapterhub_fit(config: ConfigUnion, named: set[str], sites: Any) -> ConfigUnion:
+    fitted = []
+    for prefix, part in parts(config):
+        fit = method_of(part).adapterhub_fit
+        own = {k[len(prefix) :] for k in named if k.startswith(prefix)}
+        fitted.append(fit(part, own, sites) if fit else part)
+    return config if fitted == config.configs else type(config)._of(fitted)
+
+
 def _register(name: str, config: type[ConfigUnion]) -> Method:
-    return register(Method(name, config, build, insert, None, adapterhub_key, parts=parts))
+    return register(
+        Method(
+            name,
+            config,
+            build,
+            insert,
+            None,
+            adapterhub_key,
+            adapterhub_name=adapterhub_name,
+            adapterhub_fit=adapterhub_fit,
+            parts=parts,
+        )
+    )
 
 
 UNION = _register("union", ConfigUnion)

@@ -325,3 +325,28 @@ def test_adapterhub_union_folder_loads_as_its_parts(tmp_path):
         model.set_active_adapters(["p0", "p1", "p2"])
         stacked = model(**inputs).last_hidden_state
     torch.testing.assert_close(ours, stacked, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("config", ["mam", "unipelt"])
+def test_adapterhub_format_roundtrip_and_names_are_the_parts_names(tmp_path, config):
+    model = fxadapt.AdaptedModel(make("bert"))
+    model.add_adapter("u", config, set_active=True)
+    _randomize(model, "u")
+    model.eval()
+    model.save_adapter(tmp_path / "u", "u", format="adapterhub")
+    raw = json.loads((tmp_path / "u" / "adapter_config.json").read_text())
+    assert raw["config"]["architecture"] == "union"
+    assert raw["config"]["configs"] == [c.to_adapterhub_dict() for c in model.adapters["u"].config.configs]
+    written = set(fxadapt.files.read_tensors(tmp_path / "u" / "pytorch_adapter.bin"))
+    expected = set()
+    for i, part in enumerate(_parts_as_adapters(model, "u")):
+        model.save_adapter(tmp_path / part, part, format="adapterhub")
+        names = fxadapt.files.read_tensors(tmp_path / part / "pytorch_adapter.bin")
+        expected |= {k.replace(f".{part}.", ".u.") for k in names}
+    assert written == expected
+    other = fxadapt.AdaptedModel(make("bert")).eval()
+    other.load_adapter(tmp_path / "u", set_active=True)
+    assert other.adapters["u"].config.to_adapterhub_dict() == raw["config"]
+    model.set_active_adapters("u")
+    with torch.no_grad():
+        assert torch.equal(other(**batch()).last_hidden_state, model(**batch()).last_hidden_state)

@@ -76,36 +76,8 @@ def read(path: Path, raw: dict[str, Any], sites: Any) -> tuple[str, Any, dict[st
             raise AdapterFileError(f"AdapterHub tensor {key!r} cannot be mapped onto an fxadapt site")
         out[mapped] = t
     if method.adapterhub_fit is not None:
-        config = method.adapterhub_fit(config, {k.rsplit(".", 1)[0] for k in out}, sites)
-    _fill_unsaved_shared(method, config, sites, out, path)
+        config = method.adapterhub_fit(config, out, sites)
     return raw.get("name") or path.name, config, out
-
-
-def _fill_unsaved_shared(
-    method: Any, config: Any, sites: Any, out: dict[str, torch.Tensor], path: Path
-) -> None:
-    """Initialise shared parameters that AdapterHub did not write, as AdapterHub does when loading.
-
-    AdapterHub 1.3 saves and loads only tensors whose name contains ``.shared_parameters.<name>.``
-    (with a leading dot), so the Compacter rules shared by all layers of a bare base model
-    (``shared_parameters.<name>.phm_rule``) are neither written nor read: its ``load_adapter``
-    leaves them at a fresh initialisation. fxadapt does the same, and says so.
-    """
-    from passes.bottleneck import SHARED
-
-    if not getattr(config, "phm_layer", False) or any(k.startswith(SHARED + ".") for k in out):
-        return
-    shared = method.build(config, sites, torch.float32, torch.device("cpu")).get(SHARED)
-    if shared is None:
-        return
-    for k, v in shared.state_dict().items():
-        out[f"{SHARED}.{k}"] = v
-    warnings.warn(
-        f"{path}: the adapter's shared parameters ({', '.join(shared.state_dict())}) are not in the file "
-        "(AdapterHub does not save them for a base model without a head); they are freshly initialised, "
-        "as AdapterHub's load_adapter would do, so outputs differ from the saving model's",
-        stacklevel=3,
-    )
 
 
 # ---- writing ---------------------------------------------------------------------------------------

@@ -16,21 +16,18 @@ the layer norm after it in post-LN models) by one module call that computes what
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.attention import attention_layers
 from passes.bottleneck import INVERTIBLE, SHARED, insert_bottleneck
-from passes.sites import Site, SiteTable
+from passes.sites import SiteTable
 
 from .activations import Activation
-from .adapterhub_format import split_site_key
+from .bottleneck_adapterhub import adapterhub_key, adapterhub_name, fill_unsaved_shared
 from .bottleneck_config import (
     AdapterPlusConfig,
     BnConfig,
@@ -39,10 +36,10 @@ from .bottleneck_config import (
     ScaledParBnConfig,
     SeqBnConfig,
 )
+from .bottleneck_sites import locations
 from .config import check
 from .coupling import GLOWCoupling, NICECoupling
-from .errors import AdapterFileError, ConfigError
-from .files import match_site
+from .errors import ConfigError
 from .methods import Method, register
 from .phm import PHMLayer, SharedPHM
 
@@ -187,48 +184,6 @@ class Bottleneck(nn.Module):
         return out
 
 
-# ---- where adapters go ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Location:
-    """A site a bottleneck adapter can take: its kind and AdapterHub's layer index."""
-
-    site: Site
-    kind: str  # mh_adapter | cross_adapter | output_adapter
-    layer: int
-
-
-def locations(sites: SiteTable) -> list[Location]:
-    """The ``o`` and ``ffn_out`` sites inside layers, in graph order.
-
-    Layers are numbered as AdapterHub does: consecutively over the stacks in graph order (an
-    encoder-decoder's decoder layer ``i`` is layer ``n_encoder + i``). In a layer with two ``o``
-    sites the second is the cross-attention's (decoder layers run self-attention first).
-    """
-    sizes: dict[str | None, int] = {}
-    for s in sites:
-        if s.layer is not None:
-            sizes[s.stack] = max(sizes.get(s.stack, 0), s.layer + 1)
-    offsets, total = {}, 0
-    for stack, size in sizes.items():
-        offsets[stack], total = total, total + size
-    seen: set[tuple] = set()
-    out = []
-    for s in sites:
-        if s.layer is None:
-            continue
-        if "o" in s.roles:
-            kind = "cross_adapter" if (s.stack, s.layer) in seen else "mh_adapter"
-            seen.add((s.stack, s.layer))
-        elif "ffn_out" in s.roles:
-            kind = "output_adapter"
-        else:
-            continue
-        out.append(Location(s, kind, offsets[s.stack] + s.layer))
-    return out
-
-
 def build(config: BnConfig, sites: SiteTable, dtype: torch.dtype, device: Any) -> dict[str, nn.Module]:
     name = type(config).__name__
     chosen = [
@@ -297,108 +252,16 @@ def _hidden(sites: SiteTable) -> int:
     return locs[0].site.out_features
 
 
-# ---- AdapterHub tensor names -------------------------------------------------------------------
-
-_SHARED_KEY = re.compile(r"^(?:.*\.)?shared_parameters\.(?P<name>[^.]+)\.(?P<param>.+)$")
-_INV_KEY = re.compile(r"^(?:.*\.)?invertible_adapters\.(?P<name>[^.]+)\.(?P<param>.+)$")
-_LAYER_KEY = re.compile(r"^(?P<path>.+)\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$")
-
-
-def adapterhub_key(key: str, sites: Any, config: Any = None) -> str | None:
-    """AdapterHub's bottleneck tensor names onto fxadapt's ``<site key>.<param>``.
-
-    ``<stack>.<i>.<block>.adapters.<name>.<param>`` names layer ``i``'s adapter; ``<block>`` says
-    which one (``attention.output``/``attention_adapters``: the attention block, ``cross...``: the
-    cross-attention block, otherwise the FFN). ``shared_parameters.<name>.*`` and
-    ``invertible_adapters.<name>.*`` map to the pseudo-sites of the same names.
-    """
-    for pattern, site in ((_SHARED_KEY, SHARED), (_INV_KEY, INVERTIBLE)):
-        m = pattern.match(key)
-        if m:
-            return f"{site}.{m['param']}"
-    m = _LAYER_KEY.match(key)
-    if m is None:
-        return None
-    parts = m["path"].split(".")
-    idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-    if idx is None:
-        return None
-    stack, layer, block = ".".join(parts[:idx]), int(parts[idx]), ".".join(parts[idx + 1 :])
-    kind = "output_adapter"
-    if "cross" in block:
-        kind = "cross_adapter"
-    elif "attention" in block or "attn" in block:
-        kind = "mh_adapter"
-    hits = [
-        loc.site.key
-        for loc in locations(sites)
-        if loc.kind == kind and loc.site.layer == layer and _same_stack(loc.site.stack or "", stack)
-    ]
-    if len(hits) != 1:
-        # names only as a hint: fall back to the module path, for models laid out unusually
-        try:
-            hits = [match_site(m["path"], [s.key for s in sites])]
-        except AdapterFileError:
-            return None
-    param = m["param"]
-    if param.startswith("adapter_norm_before."):  # AdapterHub registers the input norm twice
-        param = "adapter_down.0." + param.split(".", 1)[1]
-    return f"{hits[0]}.{param}"
-
-
-def _same_stack(ours: str, theirs: str) -> bool:
-    return ours == theirs or ours.endswith("." + theirs) or theirs.endswith("." + ours)
-
-
-# AdapterHub's layer attribute for each kind, in models whose layers hold the adapters themselves
-_LAYER_ATTRIBUTES = {
-    "mh_adapter": "attention_adapters",
-    "cross_adapter": "cross_attention_adapters",
-    "output_adapter": "output_adapters",
-}
-
-
-def adapterhub_name(key: str, sites: Any, config: Any, name: str) -> list[str]:
-    """fxadapt's ``<site key>.<param>`` -> AdapterHub's names, the inverse of ``adapterhub_key``.
-
-    AdapterHub keeps a layer's adapter in the module that ends the block, where the model has one
-    (BERT's ``attention.output`` / ``output``, the parent of the ``o`` / ``ffn_out`` projection), and
-    otherwise in an attribute of the layer (``h.0.attention_adapters``, ``output_adapters``,
-    ``cross_attention_adapters``). An input layer norm (``ln_before``) is registered twice there,
-    also as ``adapter_norm_before``. The invertible adapter is AdapterHub's base model's, or its
-    encoder's in an encoder-decoder model; the shared PHM parameters are the base model's.
-    """
-    if key.startswith(SHARED + "."):
-        return [f"{SHARED}.{name}.{key[len(SHARED) + 1 :]}"]
-    if key.startswith(INVERTIBLE + "."):
-        return [f"{_invertible_home(sites)}{INVERTIBLE}.{name}.{key[len(INVERTIBLE) + 1 :]}"]
-    by_key = {loc.site.key: loc for loc in locations(sites)}
-    site_key, param = split_site_key(key, by_key)
-    loc = by_key[site_key]
-    parent = site_key.rsplit(".", 1)[0]
-    layer_path = f"{loc.site.stack}.{loc.site.layer}"
-    if parent != layer_path and parent.rsplit(".", 1)[-1] == "output":
-        block = parent
-    else:
-        block = f"{layer_path}.{_LAYER_ATTRIBUTES[loc.kind]}"
-    names = [f"{block}.adapters.{name}.{param}"]
-    if config.ln_before and param.startswith("adapter_down.0."):
-        names.append(f"{block}.adapters.{name}.adapter_norm_before.{param.split('.', 2)[2]}")
-    return names
-
-
-def _invertible_home(sites: Any) -> str:
-    """``""``, or the encoder's module path plus ``.`` where AdapterHub keeps it (encoder-decoder models)."""
-    encoder = next((layer for layer in attention_layers(sites) if layer.location == "encoder"), None)
-    if encoder is None:
-        return ""
-    stack = {s.key: s for s in sites}[encoder.key].stack or ""
-    return stack.rsplit(".", 1)[0] + "." if "." in stack else ""
-
-
 def register_preset(name: str, config: type[BnConfig], *aliases: str) -> Method:
     method = Method(
-        name, config, build, insert_bottleneck, None, adapterhub_key, adapterhub_name=adapterhub_name
+        name,
+        config,
+        build,
+        insert_bottleneck,
+        None,
+        adapterhub_key,
+        adapterhub_name=adapterhub_name,
+        adapterhub_fit=fill_unsaved_shared,
     )
     return register(method, *aliases)
 

@@ -253,14 +253,14 @@ def select(config: LoRAConfig, sites: SiteTable) -> dict[str, tuple[Site, tuple[
     return chosen
 
 
-def fit_sites(config: LoRAConfig, named: set[str], sites: SiteTable) -> LoRAConfig:
+def fit_sites(config: LoRAConfig, tensors: dict[str, torch.Tensor], sites: SiteTable) -> LoRAConfig:
     """The config for the sites an AdapterHub file adapts, when its role options pick others.
 
     AdapterHub chooses LoRA's FFN modules per model class (on Llama, ``intermediate_lora`` adapts
     ``down_proj`` and ``output_lora`` ``up_proj``, and ``gate_proj`` never), while fxadapt picks
     sites by role. A file is loaded as what it holds: its own sites, as ``target_sites``.
-    ``named`` holds every ``<site>`` prefix of the file's tensor names (``<site>.<param>``).
     """
+    named = {k.rsplit(".", 1)[0] for k in tensors}
     chosen = set(select(config, sites))
     in_file = {k for k in sites.by_key() if k in named}
     if in_file == chosen or not in_file:

@@ -33,9 +33,9 @@ class Method:
     # tensor name, or several (a tensor AdapterHub stores under several modules), or none (one it does
     # not store); the inverse of adapterhub_key. Without it the method cannot be saved in AdapterHub's format.
     adapterhub_name: Callable[[str, Any, Any, str], str | Sequence[str]] | None = None
-    # (config, {site keys the AdapterHub file adapts}, site table) -> the config that builds exactly
-    # those sites: for a method whose sites AdapterHub picks per model class, not by role
-    adapterhub_fit: Callable[[Any, set[str], Any], AdapterConfig] | None = None
+    # (config, {fxadapt name: tensor} read from an AdapterHub file, site table) -> the config that
+    # fits the file; may add tensors AdapterHub does not save (initialised as AdapterHub would)
+    adapterhub_fit: Callable[[Any, dict[str, torch.Tensor], Any], AdapterConfig] | None = None
     # config -> [(key prefix, part config)]: a method made of other methods' parts (a ConfigUnion)
     parts: Callable[[Any], list[tuple[str, AdapterConfig]]] | None = None
 

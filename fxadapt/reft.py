@@ -3,10 +3,18 @@
 Config names and defaults follow AdapterHub's ``ReftConfig`` and its presets ``LoReftConfig``
 (``"loreft"``), ``NoReftConfig`` (``"noreft"``) and ``DiReftConfig`` (``"direft"``). As in AdapterHub,
 the intervention acts on the output of each chosen transformer layer (the residual stream after the
-layer, ``passes/reft.py``), at the first ``prefix_positions`` and the last ``suffix_positions``
-positions of the (padded) sequence; the attention mask is not consulted (AdapterHub reads
-offsets/lengths only from a forward context that nothing in the library fills), so with right
-padding the suffix positions are padding positions. Each position's state ``h`` becomes
+layer, ``passes/reft.py``), at the first ``prefix_positions`` and the last ``suffix_positions`` real
+tokens of each row. AdapterHub 1.3's rule, from the call's attention mask: a row's offset is
+``mask.argmax(1)`` (its first 1) and its length ``(mask == 1).sum(-1)``; the prefix positions are
+``offset + 0 .. offset + prefix_positions - 1`` and the suffix positions ``offset + length -
+suffix_positions .. offset + length - 1``. So with right padding the suffix is the last real tokens
+(not padding), and with left padding the prefix starts at the first real token. Where prefix and
+suffix overlap (a row shorter than prefix + suffix) the suffix's result wins, as in AdapterHub. A
+position outside the sequence (a row with fewer real tokens than ``suffix_positions`` under right
+padding, or than ``prefix_positions`` under left padding) is left alone; AdapterHub fails there with
+an index error. Without an attention mask (none passed, or a decoder layer whose own mask was not
+passed: AdapterHub would apply the encoder's offsets there) the positions are the first and last of
+the sequence. Each position's state ``h`` becomes
 
     h + Rᵀ(act(W h + b) − R h)      (subtract_projection, LoReFT / NoReFT)
     h + Rᵀ act(W h + b)             (DiReFT)
@@ -32,7 +40,7 @@ from passes.sites import SiteTable
 
 from .activations import Activation, activation_names
 from .adapterhub_format import split_site_key
-from .bottleneck import locations
+from .bottleneck_sites import locations
 from .config import AdapterConfig, check
 from .methods import Method, register
 
@@ -153,9 +161,12 @@ class ReftUnit(nn.Module):
 class ReftIntervention(nn.Module):
     """The intervention at one layer's output: units on the prefix and suffix positions.
 
-    Works for any sequence length ``S >= max(prefix_positions, suffix_positions)`` (symbolic under
-    ``torch.compile``): slices, not index tensors. Where prefix and suffix overlap (short
-    sequences) the suffix's result wins, as with AdapterHub's scatter order.
+    ``forward(h, bounds)``: ``bounds`` ``[B, 2]`` holds each row's first real position and the end of
+    its real tokens (``passes.reft.real_token_bounds``); without it, the first and last positions of
+    the sequence. Tensor ops only (gather/scatter on positions computed from ``bounds``, slices
+    without), so any batch size and sequence length run in one graph under ``torch.compile``. The
+    prefix is written first and the suffix over it, so where they overlap the suffix's result wins,
+    as with AdapterHub's scatter order.
     """
 
     def __init__(self, hidden: int, config: ReftConfig, dtype: torch.dtype | None = None) -> None:
@@ -166,17 +177,45 @@ class ReftIntervention(nn.Module):
         n_units = 1 if config.tied_weights else 2
         self.units = nn.ModuleList([ReftUnit(hidden, config, dtype) for _ in range(n_units)])
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def _adapt(self, states: torch.Tensor) -> torch.Tensor:
+        """The units on ``[B, prefix + suffix, H]`` gathered states (prefix first)."""
+        dtype = self.units[0].learned_source.weight.dtype
+        x = states.to(dtype)
+        if self.tied_weights:
+            adapted = self.units[0](x)
+        else:
+            p = self.prefix_positions
+            adapted = torch.cat([self.units[0](x[:, :p]), self.units[1](x[:, p:])], dim=1)
+        return adapted.to(states.dtype)
+
+    def forward(self, h: torch.Tensor, bounds: torch.Tensor | None = None) -> torch.Tensor:
+        if bounds is None:
+            return self._at_sequence_ends(h)
+        p, s = self.prefix_positions, self.suffix_positions
+        b, n, d = h.shape
+        steps = []
+        if p:
+            steps.append(bounds[:, :1] + torch.arange(p, device=h.device))
+        if s:
+            steps.append(bounds[:, 1:] + torch.arange(-s, 0, device=h.device))
+        positions = torch.cat(steps, dim=1)  # [B, p + s]
+        # a position outside the sequence reads and writes a spare slot n, dropped at the end
+        positions = torch.where((positions >= 0) & (positions < n), positions, n)
+        index = positions.unsqueeze(-1).expand(-1, -1, d)
+        out = torch.cat([h, h.new_zeros(b, 1, d)], dim=1)
+        adapted = self._adapt(out.gather(1, index))
+        if p:
+            out = out.scatter(1, index[:, :p], adapted[:, :p])
+        if s:
+            out = out.scatter(1, index[:, p:], adapted[:, p:])
+        return out[:, :n]
+
+    def _at_sequence_ends(self, h: torch.Tensor) -> torch.Tensor:
+        """The first ``prefix`` and last ``suffix`` positions of the sequence: slices (any ``S >= max(p, s)``)."""
         p, s = self.prefix_positions, self.suffix_positions
         n = h.shape[1]
-        dtype = self.units[0].learned_source.weight.dtype
-        prefix = h[:, :p].to(dtype)
-        suffix = h[:, n - s :].to(dtype) if s else h[:, :0].to(dtype)
-        if self.tied_weights:
-            adapted = self.units[0](torch.cat([prefix, suffix], dim=1))
-        else:
-            adapted = torch.cat([self.units[0](prefix), self.units[1](suffix)], dim=1)
-        adapted = adapted.to(h.dtype)
+        suffix = h[:, n - s :] if s else h[:, :0]
+        adapted = self._adapt(torch.cat([h[:, :p], suffix], dim=1))
         if p:
             h = h.slice_scatter(adapted[:, :p], dim=1, start=0, end=p)
         if s:

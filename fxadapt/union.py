@@ -186,12 +186,16 @@ def adapterhub_name(key: str, sites: Any, config: ConfigUnion, name: str) -> Any
     return hook(rest, sites, part, name)
 
 
-def adapterhub_fit(config: ConfigUnion, named: set[str], sites: Any) -> ConfigUnion:
+def adapterhub_fit(config: ConfigUnion, tensors: dict[str, torch.Tensor], sites: Any) -> ConfigUnion:
     fitted = []
     for prefix, part in parts(config):
         fit = method_of(part).adapterhub_fit
-        own = {k[len(prefix) :] for k in named if k.startswith(prefix)}
-        fitted.append(fit(part, own, sites) if fit else part)
+        if fit is None:
+            fitted.append(part)
+            continue
+        own = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+        fitted.append(fit(part, own, sites))
+        tensors.update({prefix + k: t for k, t in own.items()})
     return config if fitted == config.configs else type(config)._of(fitted)
 
 

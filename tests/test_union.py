@@ -339,7 +339,7 @@ def test_adapterhub_format_roundtrip_and_names_are_the_parts_names(tmp_path, con
     assert raw["config"]["configs"] == [c.to_adapterhub_dict() for c in model.adapters["u"].config.configs]
     written = set(fxadapt.files.read_tensors(tmp_path / "u" / "pytorch_adapter.bin"))
     expected = set()
-    for i, part in enumerate(_parts_as_adapters(model, "u")):
+    for part in _parts_as_adapters(model, "u"):
         model.save_adapter(tmp_path / part, part, format="adapterhub")
         names = fxadapt.files.read_tensors(tmp_path / part / "pytorch_adapter.bin")
         expected |= {k.replace(f".{part}.", ".u.") for k in names}

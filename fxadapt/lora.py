@@ -43,7 +43,7 @@ class LoRAConfig(AdapterConfig):
     }
     # AdapterHub gives a fused projection one block per matrix (fused_qkv="split") and picks sites
     # only by selfattn_lora/attn_matrices/intermediate_lora/output_lora/leave_out
-    local_options = {"fused_qkv": "split", "target_sites": None}
+    local_options = {"fused_qkv": "split", "target_sites": None, "adapterhub_sites": False}
 
     selfattn_lora: bool = True
     intermediate_lora: bool = False
@@ -58,6 +58,8 @@ class LoRAConfig(AdapterConfig):
     use_gating: bool = False
     fused_qkv: str = "split"
     target_sites: list[str] | None = None
+    # target_sites were read from an AdapterHub file, whose model code chose them from the role options
+    adapterhub_sites: bool = False
 
     def validate(self) -> None:
         check(isinstance(self.r, int) and self.r >= 1, f"LoRAConfig.r must be an int >= 1, got {self.r!r}")
@@ -76,6 +78,15 @@ class LoRAConfig(AdapterConfig):
         check(self.init_weights in INITS, f"LoRAConfig.init_weights must be one of {list(INITS)}")
         check(self.fused_qkv in ("split", "joint"), "LoRAConfig.fused_qkv must be 'split' or 'joint'")
         check(all(isinstance(i, int) for i in self.leave_out), "LoRAConfig.leave_out must list layer ints")
+        check(
+            not self.adapterhub_sites or self.target_sites is not None,
+            "LoRAConfig.adapterhub_sites=True describes target_sites read from an AdapterHub file; set both",
+        )
+
+    def to_adapterhub_dict(self) -> dict[str, Any]:
+        if self.adapterhub_sites:  # AdapterHub picks these very sites again from the role options
+            return self.replace(target_sites=None, adapterhub_sites=False).to_adapterhub_dict()
+        return super().to_adapterhub_dict()
 
     @property
     def scaling(self) -> float:
@@ -265,7 +276,7 @@ def fit_sites(config: LoRAConfig, tensors: dict[str, torch.Tensor], sites: SiteT
     in_file = {k for k in sites.by_key() if k in named}
     if in_file == chosen or not in_file:
         return config
-    return config.replace(target_sites=sorted(in_file))
+    return config.replace(target_sites=sorted(in_file), adapterhub_sites=True)
 
 
 def build(config: LoRAConfig, sites: SiteTable, dtype: torch.dtype, device: Any) -> dict[str, nn.Module]:

@@ -195,6 +195,7 @@ class AdaptedModel(nn.Module):
             raise ConfigError(f"adapter {name!r} is merged; call reset_adapter() before replacing it")
 
     def _install(self, adapter: Adapter, set_active: bool = False) -> None:
+        adapter.train(self.training)  # a loaded adapter's dropout follows the model's mode
         self.adapters[adapter.name] = adapter
         self._forget_graphs(adapter.name)
         if set_active:

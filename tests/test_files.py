@@ -170,3 +170,16 @@ def test_load_from_hub_cache_offline(tmp_path, monkeypatch):
     with pytest.raises(fxadapt.AdapterFileError, match="could not be fetched"):
         other.load_adapter("someone/not-cached")
     assert list(other.adapters) == ["hubbed"]
+
+
+def test_a_loaded_adapter_follows_the_models_mode(tmp_path):
+    """Dropout in a loaded adapter must be off when the model it joins is in eval mode."""
+    model = fxadapt.AdaptedModel(make("bert"))
+    model.add_adapter("x", LoRAConfig(dropout=0.5, init_weights="bert"))
+    model.save_adapter(tmp_path, "x")
+    other = fxadapt.AdaptedModel(make("bert")).eval()
+    other.load_adapter(tmp_path, set_active=True)
+    assert not any(m.training for m in other.adapters["x"].modules())
+    with torch.no_grad():
+        first = other(**batch()).last_hidden_state
+        assert torch.equal(first, other(**batch()).last_hidden_state)

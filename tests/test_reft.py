@@ -10,6 +10,7 @@ from conftest import batch, main_output, make
 
 import fxadapt
 from fxadapt import DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig
+from passes.reft import real_token_bounds
 
 LAYERS = {"bert": "encoder.layer", "gpt2": "h", "llama": "layers"}
 
@@ -21,8 +22,22 @@ def hf_layers(model: torch.nn.Module, arch: str) -> list[torch.nn.Module]:
     return list(mod)
 
 
-def reference(h, units, p, s, tied, subtract, act):
-    """h + Rᵀ(act(W h + b) − R h) at the first p and the last s positions of the padded sequence."""
+def positions(mask_row, n, p, s):
+    """AdapterHub 1.3's prefix and suffix positions of one row, from its attention mask (or None).
+
+    Offset: the row's first 1 (``argmax``); end: offset + number of 1s. Prefix ``offset + i``, suffix
+    ``end - s + i``. Positions outside ``[0, n)`` (AdapterHub would fail there) are left out.
+    """
+    if mask_row is None:
+        first, end = 0, n
+    else:
+        ones = [i for i, m in enumerate(mask_row.tolist()) if m == 1]
+        first, end = (ones[0], ones[0] + len(ones)) if ones else (0, 0)
+    return [first + i for i in range(p)], [end - s + i for i in range(s)]
+
+
+def reference(h, units, p, s, tied, subtract, act, mask=None):
+    """h + Rᵀ(act(W h + b) − R h) at each row's first p and last s real tokens (AdapterHub's rule)."""
 
     def unit(x, params):
         w, b, r = params
@@ -33,15 +48,17 @@ def reference(h, units, p, s, tied, subtract, act):
 
     n = h.shape[1]
     out = h.clone()
-    pre, suf = h[:, :p], h[:, n - s :]
-    if tied:
-        both = unit(torch.cat([pre, suf], 1), units[0])
-        new_pre, new_suf = both[:, :p], both[:, p:]
-    else:
-        new_pre, new_suf = unit(pre, units[0]), unit(suf, units[1])
-    out[:, :p] = new_pre
-    if s:
-        out[:, n - s :] = new_suf
+    for row in range(h.shape[0]):
+        pre, suf = positions(None if mask is None else mask[row], n, p, s)
+        # a position outside the sequence reads any state (each is adapted on its own) and is not written
+        x = h[row, [min(max(q, 0), n - 1) for q in pre + suf]]
+        if tied:
+            new = unit(x, units[0])
+        else:
+            new = torch.cat([unit(x[:p], units[0]), unit(x[p:], units[1])])
+        for i, pos in enumerate(pre + suf):  # the prefix first: the suffix wins where they overlap
+            if 0 <= pos < n:
+                out[row, pos] = new[i]
     return out
 
 
@@ -68,6 +85,7 @@ def oracle(base, arch, adapter, config, inputs):
                 config.tied_weights,
                 config.subtract_projection,
                 act,
+                inputs.get("attention_mask"),
             )
             return fn(output) if isinstance(output, torch.Tensor) else (fn(output[0]), *output[1:])
 
@@ -104,6 +122,72 @@ def test_matches_hooked_reference_at_two_shapes(arch, config):
         expected = oracle(base, arch, adapter, config, inputs)
         assert (expected - plain).abs().max() > 1e-3
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# right padding, left padding, one real token at either end (prefix and suffix overlap; a position
+# falls outside the sequence), no real token at all
+EDGE_MASK = torch.tensor(
+    [
+        [1, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 1],
+        [0, 0, 0, 0, 0, 0, 0],
+    ]
+)
+
+
+def test_positions_follow_adapterhubs_rule():
+    assert positions(EDGE_MASK[1], 7, 2, 2) == ([0, 1], [2, 3])  # right padding: the last real tokens
+    assert positions(EDGE_MASK[2], 7, 2, 2) == ([3, 4], [5, 6])  # left padding: the first real tokens
+    assert positions(EDGE_MASK[3], 7, 2, 2) == ([0, 1], [-1, 0])
+    assert positions(EDGE_MASK[5], 7, 2, 2) == ([0, 1], [-2, -1])
+    assert positions(None, 7, 2, 2) == ([0, 1], [5, 6])
+    assert real_token_bounds(EDGE_MASK).tolist() == [[0, 7], [0, 4], [3, 7], [0, 1], [6, 7], [0, 0]]
+    assert real_token_bounds(EDGE_MASK.bool()).tolist() == real_token_bounds(EDGE_MASK).tolist()
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        NoReftConfig(prefix_positions=2, suffix_positions=2, r=2),
+        LoReftConfig(suffix_positions=2, tied_weights=True),
+    ],
+    ids=["noreft", "loreft-tied"],
+)
+def test_left_padding_and_rows_shorter_than_the_positions(arch, config):
+    base = make(arch).eval()
+    model = fxadapt.adapt(copy.deepcopy(base), config, compile=False).eval()
+    adapter = model.adapters[model.active_adapters[0]]
+    ids = torch.randint(3, 100, EDGE_MASK.shape, generator=torch.Generator().manual_seed(0))
+    for inputs in ({"input_ids": ids, "attention_mask": EDGE_MASK}, {"input_ids": ids}):
+        with torch.no_grad():
+            got = main_output(model(**inputs))
+        expected = oracle(base, arch, adapter, config, inputs)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # without a mask the positions are the ends of the sequence: an all-ones mask gives the same
+    ones = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(model(**ones)), main_output(model(input_ids=ids)))
+
+
+def test_the_mask_is_read_once_and_only_for_layers_of_its_length():
+    model = fxadapt.adapt(make("bart"), LoReftConfig(suffix_positions=1), compile=False).eval()
+    inputs = batch()
+    inputs["decoder_input_ids"] = inputs["input_ids"][:, :5]
+    graph = model.graph_for(**inputs).graph
+    reft = [n for n in graph.nodes if n.meta.get("fxadapt", {}).get("kind") == "reft"]
+    bounds = [n for n in graph.nodes if n.target is real_token_bounds]
+    assert len(reft) == 2 and len(bounds) == 1
+    # the encoder layer reads the input's mask; the decoder layer (another length, no mask of its own)
+    # takes the ends of its sequence
+    assert [len(n.args) for n in reft] == [2, 1] and reft[0].args[1] is bounds[0]
+    inputs["decoder_attention_mask"] = torch.ones_like(inputs["decoder_input_ids"])
+    graph = model.graph_for(**inputs).graph
+    bounds = [n for n in graph.nodes if n.target is real_token_bounds]
+    assert len(bounds) == 2
 
 
 def test_loreft_projection_is_orthonormal_and_direft_with_zero_source_is_identity():

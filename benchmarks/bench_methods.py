@@ -487,6 +487,11 @@ def markdown(results: dict[str, Any]) -> str:
             if a.get("min_undisturbed") and a.get("max_steps", 0) > a["steps"]
             else ""
         )
+        + (
+            f" in the first of {len(results['runs'])} merged runs (see the end)"
+            if results.get("runs")
+            else ""
+        )
         + "; medians; "
         f"load average at start {', '.join(f'{x:.2f}' for x in info['loadavg_start'])}"
         + (f", at end {', '.join(f'{x:.2f}' for x in info['loadavg_end'])}" if "loadavg_end" in info else "")
@@ -579,10 +584,50 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "## Errors", ""]
         for m, v, e in errs:
             lines.append(f"- {m} / {v} ({e['stage']}): `{e['error']}` (traceback in the JSON)")
+    if results.get("runs"):
+        lines += ["", "## Runs merged here", ""]
+        for run in results["runs"]:
+            ra = run["args"]
+            lines.append(
+                f"- `{run['file']}` ({run['date']}, {(run['total_s'] or 0) / 60:.1f} min, {ra['warmup']} warm-up, "
+                f"{ra['steps']} timed rounds, up to {ra.get('max_steps', ra['steps'])}): "
+                + ", ".join(run["methods"])
+            )
     if "total_s" in results:
         lines += ["", f"Total run time {results['total_s'] / 60:.1f} min."]
     lines.append("")
     return "\n".join(lines)
+
+
+def merge(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """One results dict from several runs: the first's machine and arguments, every run's methods (a
+    later run's replacing an earlier one's), in the order of METHODS; ``runs`` says where each came from."""
+    if len(runs) == 1:
+        return runs[0]
+    results = copy.deepcopy(runs[0])
+    methods: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    sources = []
+    for name, run in zip(names, runs):
+        methods.update(run["methods"])
+        skipped.update(run.get("skipped", {}))
+        sources.append(
+            {
+                "file": name,
+                "date": run["machine"]["date"],
+                "methods": list(run["methods"]),
+                "args": run["args"],
+                "total_s": run.get("total_s"),
+                "loadavg_start": run["machine"].get("loadavg_start"),
+                "loadavg_end": run["machine"].get("loadavg_end"),
+            }
+        )
+    order = [m for m in METHODS if m in methods] + [m for m in methods if m not in METHODS]
+    results["methods"] = {m: methods[m] for m in order}
+    results["skipped"] = {m: why for m, why in skipped.items() if m not in methods}
+    results["runs"] = sources
+    results["total_s"] = sum(r["total_s"] or 0 for r in sources)
+    return results
 
 
 def write(results: dict[str, Any], out: Path) -> None:
@@ -642,7 +687,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip the compiled floor (one compile less)",
     )
-    p.add_argument("--report", metavar="JSON", help="only recompute the figures and markdown from a JSON")
+    p.add_argument(
+        "--report",
+        metavar="JSON",
+        nargs="+",
+        help="only recompute the figures and markdown from results JSON(s); several are merged, a later"
+        " file's methods replacing an earlier one's (e.g. methods measured once they were registered)",
+    )
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 2 if args.quick else 5
@@ -673,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = Path(args.out)
     if args.report:
-        results = json.loads(Path(args.report).read_text())
+        results = merge([json.loads(Path(f).read_text()) for f in args.report], args.report)
         write(results, out)
         print(markdown(results))
         return 0

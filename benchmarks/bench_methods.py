@@ -218,17 +218,22 @@ def make_fx_step(
 
     model.train()
     m = fxadapt.adapt(model, method, compile=compiled)
-    m.train()
-    params = [p for p in m.parameters() if p.requires_grad]
+    return _training_step(m, batch)
+
+
+def _training_step(module: torch.nn.Module, batch: dict[str, Any]) -> Callable[[], None]:
+    """One forward, loss, backward and AdamW step over ``module``'s trainable parameters."""
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
     opt = _optimizer(params)
 
     def step() -> None:
-        out = m(**batch)
+        out = module(**batch)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step.keep = m  # type: ignore[attr-defined]
+    step.keep = module  # type: ignore[attr-defined]
     step.n_trainable = sum(p.numel() for p in params)  # type: ignore[attr-defined]
     return step
 
@@ -243,19 +248,7 @@ def make_peft_step(config: Any, model: torch.nn.Module, batch: dict[str, Any]) -
     for name, p in pm.named_parameters():
         if "modules_to_save" in name:
             p.requires_grad_(False)
-    pm.train()
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = _optimizer(params)
-
-    def step() -> None:
-        out = pm(**batch)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step.keep = pm  # type: ignore[attr-defined]
-    step.n_trainable = sum(p.numel() for p in params)  # type: ignore[attr-defined]
-    return step
+    return _training_step(pm, batch)
 
 
 def _error(exc: BaseException, stage: str) -> dict[str, str]:

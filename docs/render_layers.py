@@ -708,6 +708,48 @@ def render(model: fxadapt.AdaptedModel, spec: str, out: Path) -> Path:
     return path
 
 
+COMPOSED = {
+    # figure name -> (adapters, setup, fusion): one layer with a composition block (docs/composition.md)
+    "compose_stack": ({"a": "seq_bn", "b": "seq_bn"}, "Stack('a', 'b')", False),
+    "compose_fuse": ({"a": "seq_bn", "b": "seq_bn", "c": "seq_bn"}, "Fuse('a', 'b', 'c')", True),
+    "compose_batchsplit": ({"a": "lora", "b": "lora"}, "BatchSplit('a', 'b', batch_sizes=[1, 1])", False),
+}
+
+
+def render_setup(model: fxadapt.AdaptedModel, name: str, out: Path) -> Path:
+    """One layer before and after a composed setup (``COMPOSED[name]``)."""
+    adapters, text, fusion = COMPOSED[name]
+    blocks = {b: getattr(fxadapt, b) for b in ("Stack", "Fuse", "BatchSplit", "Parallel", "Average", "Split")}
+    setup = eval(text, {}, blocks)  # noqa: S307 (a fixed string above)
+    roles = {s.node: "+".join(s.roles) for s in model.sites() if s.roles}
+    base = graph_with(model, None)
+    base_names = {n.name for n in base.graph.nodes}
+    for adapter, config in adapters.items():
+        model.add_adapter(adapter, config)
+    try:
+        if fusion:
+            model.add_adapter_fusion(setup)
+        model.set_active_adapters(setup)
+        after = model.graph_module
+        paths = region_paths(after, base_names)
+        removed = base_names - {n.name for n in after.graph.nodes}
+        g_before = to_nx(base, select_region(base, base_names, paths), base_names, removed, roles)
+        g_after = to_nx(after, select_region(after, base_names, paths), base_names, set(), roles)
+    finally:
+        model.set_active_adapters(None)
+        if fusion:
+            model.delete_adapter_fusion(setup)
+        for adapter in adapters:
+            model.delete_adapter(adapter)
+    path = out / f"{name}.png"
+    figure(
+        [(g_before, layout(g_before), "base"), (g_after, layout(g_after), f"with {text}")],
+        f"{text}: layer 0, before and after",
+        path,
+    )
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     known = set(fxadapt.method_names())
@@ -715,11 +757,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=default, help=f"default: {' '.join(default)}")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    parser.add_argument("--compose", nargs="*", default=None, help=f"composed setups: {' '.join(COMPOSED)}")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = tiny_bert(args.attn)
-    for spec in args.methods:
-        path = render(model, spec, args.out)
+    jobs = [(render, spec) for spec in args.methods] if args.compose is None else []
+    jobs += [(render_setup, name) for name in (args.compose or COMPOSED if args.compose is not None else [])]
+    for fn, spec in jobs:
+        path = fn(model, spec, args.out)
         print(
             f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}  {path.stat().st_size // 1024} KB"
         )

@@ -6,38 +6,36 @@ from typing import Any
 
 from torch import nn
 
-from . import bottleneck as _bottleneck  # noqa: F401  (registers the methods)
-from . import compacter as _compacter  # noqa: F401  (registers the methods)
-from . import ia3 as _ia3  # noqa: F401  (registers the method)
-from . import invertible as _invertible  # noqa: F401  (registers the methods)
-from . import lora as _lora  # noqa: F401  (registers the method)
-from . import prefix_tuning as _prefix_tuning  # noqa: F401  (registers the methods)
-from . import prompt_tuning as _prompt_tuning  # noqa: F401  (registers the method)
-from . import reft as _reft  # noqa: F401  (registers the methods)
-from . import union as _union  # noqa: F401  (registers the methods)
-from .bottleneck import (
+from . import methods as _methods  # noqa: F401  (registers every method)
+from .capture import capture, example_inputs
+from .compose.blocks import AdapterCompositionBlock, Average, BatchSplit, Fuse, Parallel, Split, Stack, Sum
+from .compose.fusion import AdapterFusionConfig
+from .config import AdapterConfig
+from .errors import AdapterFileError, CaptureError, ConfigError, FxAdaptError
+from .heads.base import PredictionHead
+from .heads.outputs import MultiHeadOutput
+from .interface import AdapterModelInterface
+from .methods.bottleneck import (
     AdapterPlusConfig,
     BnConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
     DoubleSeqBnConfig,
+    DoubleSeqBnInvConfig,
     ParBnConfig,
     ScaledParBnConfig,
     SeqBnConfig,
+    SeqBnInvConfig,
 )
-from .capture import capture, example_inputs
-from .compacter import CompacterConfig, CompacterPlusPlusConfig
-from .config import AdapterConfig
-from .errors import AdapterFileError, CaptureError, ConfigError, FxAdaptError
-from .ia3 import IA3Config
-from .invertible import DoubleSeqBnInvConfig, SeqBnInvConfig
-from .lora import LoRAConfig
-from .methods import method_names, method_of, resolve_config
+from .methods.ia3 import IA3Config
+from .methods.lora import LoRAConfig
+from .methods.prefix_tuning import PrefixTuningConfig, PrefixTuningFlatConfig
+from .methods.prompt_tuning import PromptTuningConfig
+from .methods.reft import DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig
+from .methods.union import ConfigUnion, MAMConfig, UniPELTConfig
 from .model import AdaptedModel
-from .prefix_tuning import PrefixTuningConfig, PrefixTuningFlatConfig
-from .prompt_tuning import PromptTuningConfig
-from .reft import DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig
-from .union import ConfigUnion, MAMConfig, UniPELTConfig
-
-__version__ = "0.1.0"
+from .registry import method_names, method_of, resolve_config
+from .version import __version__  # noqa: F401  (fxadapt.__version__)
 
 
 def adapt(
@@ -48,6 +46,7 @@ def adapt(
     compile_options: dict[str, Any] | None = None,
     example_inputs: dict[str, Any] | None = None,
     site_roles: dict[str, Any] | None = None,
+    interface: AdapterModelInterface | None = None,
 ) -> AdaptedModel:
     """Wrap ``model``, add one adapter, make it the active and only trainable part, compile."""
     adapted = AdaptedModel(
@@ -56,6 +55,7 @@ def adapt(
         compile_options=compile_options,
         example_inputs=example_inputs,
         site_roles=site_roles,
+        interface=interface,
     )
     adapter_name = name or (config if isinstance(config, str) else method_of(resolve_config(config)).name)
     adapted.add_adapter(adapter_name, config)
@@ -63,8 +63,28 @@ def adapt(
     return adapted
 
 
+def __getattr__(name: str) -> Any:
+    # the Trainer callback imports transformers' Trainer machinery, which takes seconds: only on use
+    if name == "AdapterDropCallback":
+        from .compose.drop_callback import AdapterDropCallback
+
+        return AdapterDropCallback
+    raise AttributeError(f"module 'fxadapt' has no attribute {name!r}")
+
+
 __all__ = [
+    "AdapterCompositionBlock",
+    "AdapterDropCallback",
+    "AdapterFusionConfig",
+    "Average",
+    "BatchSplit",
+    "Fuse",
+    "Parallel",
+    "Split",
+    "Stack",
+    "Sum",
     "AdaptedModel",
+    "AdapterModelInterface",
     "AdapterConfig",
     "AdapterFileError",
     "AdapterPlusConfig",
@@ -82,8 +102,10 @@ __all__ = [
     "LoRAConfig",
     "LoReftConfig",
     "MAMConfig",
+    "MultiHeadOutput",
     "NoReftConfig",
     "ParBnConfig",
+    "PredictionHead",
     "PrefixTuningConfig",
     "PrefixTuningFlatConfig",
     "PromptTuningConfig",

@@ -11,24 +11,31 @@ from __future__ import annotations
 import inspect
 import operator
 import os
+import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.export import Dim
-from torch.utils._pytree import TreeSpec
+from torch.utils._pytree import TreeSpec, tree_leaves
 
 from .errors import CaptureError
 
 BASE = "base"
 CONSTS = "consts"
+# torch.export patches process globals while it runs (builtins.max/min, nn.Module.__call__) and the
+# model's training flag is switched for the capture: one capture, and one graph build, at a time.
+EXPORT_LOCK = threading.RLock()
 _BATCH, _SEQ, _TARGET_SEQ = 2, 8, 6
 _REMEDIES = (
     'load the model with attn_implementation="eager" (Gemma-2, DeBERTa-v2, GPT-J need it)',
     "pass use_cache=False (cache objects such as T5's are not pytrees)",
     "call the model once with the same keyword arguments in plain PyTorch to check they are valid",
+    "set the config's layerdrop options (encoder_layerdrop, decoder_layerdrop) to 0: LayerDrop skips "
+    "layers at random in training, which one graph cannot express",
 )
 
 
@@ -40,6 +47,15 @@ class Capture:
     input_names: tuple[str, ...]
     out_spec: TreeSpec
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Generation's graphs run part of an adapter (fxadapt/generation/graphs.py): ``select(method,
+    # {site key: module target}, sites)`` keeps the targets to insert into this graph (None: all), and
+    # ``cached_sites`` are projections the graph reads from its cache instead of computing them (a
+    # decoder's cross-attention keys: the site's node is the cache input).
+    select: Callable[[Any, dict[str, str], Any], dict[str, str]] | None = None
+    cached_sites: list = field(default_factory=list)
+    # whether the graph's inputs already hold ``Parallel``'s ``channels·B`` rows (a decode step reads the
+    # replicated cache; AdapterHub's ``adapter_input_parallelized``): the setup does not repeat them again
+    parallelized: bool = False
 
 
 class _Bound(nn.Module):
@@ -55,9 +71,20 @@ class _Bound(nn.Module):
 
 
 def split_inputs(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Separate a call's tensors (graph inputs) from its other arguments (baked into the graph)."""
+    """Separate a call's tensors (graph inputs) from its other arguments (baked into the graph).
+
+    A tensor inside another argument (a list, a dict, a cache object) would be baked in as a
+    constant, so it is refused.
+    """
     tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     static = {k: v for k, v in kwargs.items() if v is not None and not isinstance(v, torch.Tensor)}
+    for k, v in static.items():
+        if not isinstance(v, (str, int, float)) and any(isinstance(t, torch.Tensor) for t in tree_leaves(v)):
+            raise CaptureError(
+                f"argument {k!r} holds tensors inside a {type(v).__name__}: fxadapt passes only "
+                "arguments that are tensors themselves into its graphs; pass it as one tensor, or "
+                "call the base model for this input"
+            )
     return tensors, static
 
 
@@ -72,8 +99,13 @@ def default_static(model: nn.Module, given: dict[str, Any]) -> dict[str, Any]:
 
 def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """Inputs made from the model's config, for a capture before any real call."""
-    cfg = model.config
-    device = next(model.parameters()).device
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise CaptureError(
+            f"{type(model).__name__} has no Hugging Face config to make example inputs from: pass "
+            "example_inputs={...} (keyword arguments of one valid call) to AdaptedModel, or call it once first"
+        )
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     name = getattr(model, "main_input_name", "input_ids")
     accepted = inspect.signature(model.forward).parameters
     if name == "pixel_values":
@@ -132,20 +164,23 @@ def capture(model: nn.Module, kwargs: dict[str, Any], training: bool = True) -> 
     dims = {k: _dynamic_dims(k, t) for k, t in tensors.items()}
     stand_ins = {k: _stand_in(k, t, dims[k], seq2seq) for k, t in tensors.items()}
     shapes = {k: {d: Dim.DYNAMIC for d in dims[k]} for k in tensors}
-    was_training = model.training
-    model.train(training)
-    try:
-        ep = torch.export.export(_Bound(model, static), (stand_ins,), dynamic_shapes=(shapes,), strict=False)
-    except Exception as exc:
-        raise CaptureError(
-            f"{type(model).__name__} could not be captured by torch.export. "
-            f"Failing operation: {_failing_frame(exc)}. Error: {type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ''}. "
-            "Known remedies: " + "; ".join(_REMEDIES) + "."
-        ) from exc
-    finally:
-        model.train(was_training)
-    return _rebase(ep)
+    with EXPORT_LOCK:
+        was_training = model.training
+        model.train(training)
+        try:
+            ep = torch.export.export(
+                _Bound(model, static), (stand_ins,), dynamic_shapes=(shapes,), strict=False
+            )
+        except Exception as exc:
+            raise CaptureError(
+                f"{type(model).__name__} could not be captured by torch.export. "
+                f"Failing operation: {_failing_frame(exc)}. Error: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ''}. "
+                "Known remedies: " + "; ".join(_REMEDIES) + "."
+            ) from exc
+        finally:
+            model.train(was_training)
+        return _rebase(ep, model)
 
 
 def _inline_grad_regions(gm: fx.GraphModule) -> None:
@@ -187,7 +222,21 @@ def _inline_grad_regions(gm: fx.GraphModule) -> None:
             graph.erase_node(sub_node)
 
 
-def _rebase(ep: torch.export.ExportedProgram) -> Capture:
+def _owned(model: nn.Module, path: str, value: Any) -> bool:
+    """Whether ``path`` names ``value`` in ``model`` itself (a parameter or buffer, not an export constant).
+
+    A tensor created inside ``forward`` (GPT-Neo's masked bias, T5's shifted labels) becomes an export
+    constant named ``<module path>.lifted_tensor_N``: it lives only in the exported module.
+    """
+    obj: Any = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return obj is value
+
+
+def _rebase(ep: torch.export.ExportedProgram, model: nn.Module) -> Capture:
     """Turn the exported module's graph into a flat-I/O graph over ``base.*`` and ``consts.*``."""
     gm = ep.module()
     _inline_grad_regions(gm)
@@ -201,15 +250,15 @@ def _rebase(ep: torch.export.ExportedProgram) -> Capture:
     for node in graph.nodes:
         if node.op != "get_attr":
             continue
-        if node.target.startswith("m."):
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        if node.target.startswith("m.") and _owned(model, node.target[2:], obj):
             node.target = f"{BASE}.{node.target[2:]}"
             if node.name.startswith("m_"):
                 node._rename(node.name[2:])
         else:
             key = node.target.replace(".", "_")
-            obj = gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
             constants[key] = obj
             node.target = f"{CONSTS}.{key}"
     graph._codegen = fx.graph.CodeGen()

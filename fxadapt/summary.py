@@ -7,6 +7,8 @@ from typing import Any
 
 def rows(model: Any) -> list[dict[str, Any]]:
     base = sum(p.numel() for p in model.base.parameters())
+    setup = model.active_adapters
+    active = set() if setup is None else {setup} if isinstance(setup, str) else set(setup.flatten())
     out = []
     for name, adapter in model.adapters.items():
         n = adapter.num_parameters()
@@ -16,7 +18,7 @@ def rows(model: Any) -> list[dict[str, Any]]:
                 architecture=adapter.method.name,
                 num_params=n,
                 percent=100.0 * n / base if base else 0.0,
-                active=name in model.active_adapters,
+                active=name in active,
                 train=any(p.requires_grad for p in adapter.parameters()),
                 merged=name in model.merged_adapters,
             )

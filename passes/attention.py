@@ -13,13 +13,15 @@ encoder whose decoder has cross-attention) or ``cross``. Passes check it against
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from .sites import ATTENTION, MATMULS, SOFTMAX, Site, _projection_parts
+from .projections import projection_input
+from .sites import ATTENTION, MATMULS, SCORES, SOFTMAX, Site
 
 _LIMIT = 400
 
@@ -80,14 +82,13 @@ def attention_layers(sites: list[Site]) -> list[AttentionLayer]:
                 location = "encoder"
             else:
                 location = "self"
-            a, b = s.columns("k")
             out.append(
                 AttentionLayer(
                     key=s.key,
                     location=location,
                     position=counts.get(location, 0),
                     layer=offsets[stack] + layer,
-                    width=b - a,
+                    width=s.width("k"),
                     hidden=s.in_features,
                 )
             )
@@ -96,14 +97,18 @@ def attention_layers(sites: list[Site]) -> list[AttentionLayer]:
 
 
 def _projection_back(start: fx.Node, by_node: dict[str, Site], role: str) -> Site | None:
-    """The nearest projection site with ``role`` that ``start`` derives from."""
+    """The nearest projection site with ``role`` that ``start`` derives from.
+
+    The walk goes through another pass's adapter nodes (a LoRA module after the projection).
+    """
     seen, queue = {start}, deque([start])
     while queue and len(seen) < _LIMIT:
         node = queue.popleft()
         site = by_node.get(node.name)
         if site is not None and role in site.roles:
-            return site
-        if node.op != "call_function" or site is not None:
+            return dataclasses.replace(site, node=node.name)  # the call this attention reads
+        adapter = node.op in ("call_module", "call_method") and "fxadapt" in node.meta
+        if (node.op != "call_function" and not adapter) or site is not None:
             continue
         if node.target in ATTENTION or node.target in SOFTMAX:
             continue
@@ -126,7 +131,7 @@ def _scores_matmul(softmax: fx.Node) -> fx.Node | None:
         if not isinstance(node, fx.Node) or node in seen or node.op != "call_function":
             continue
         seen.add(node)
-        if node.target in MATMULS:
+        if node.target in SCORES:
             return node
         if node.target in SOFTMAX or node.target in ATTENTION:
             continue
@@ -153,7 +158,7 @@ def _context_matmul(softmax: fx.Node) -> fx.Node | None:
 
 def find_attention(graph: fx.Graph, sites: list[Site]) -> list[Attention]:
     """Every attention op of ``graph`` in graph order, each with its key projection site."""
-    by_node = {s.node: s for s in sites}
+    by_node = {name: s for s in sites for name in s.nodes}
     named = {n.name: n for n in graph.nodes}
     found = []
     for node in graph.nodes:
@@ -166,7 +171,7 @@ def find_attention(graph: fx.Graph, sites: list[Site]) -> list[Attention]:
             scores, context = _scores_matmul(node), _context_matmul(node)
             if scores is None or context is None:
                 continue
-            q, k = scores.args[0], scores.args[1]
+            q, k = scores_operands(scores)
             att = Attention("eager", node, q, k, context.args[1], None, None, False, scores, context)
         else:
             continue
@@ -185,8 +190,16 @@ def find_attention(graph: fx.Graph, sites: list[Site]) -> list[Attention]:
 
 def _input_of(named: dict[str, fx.Node], site: Site) -> fx.Node | None:
     node = named.get(site.node)
-    parts = _projection_parts(node) if node is not None else None
-    return parts[0] if parts else None
+    if node is None or node.op != "call_function":
+        return None  # a cached site: the graph reads the projection's output from its cache input
+    return projection_input(node)
+
+
+def scores_operands(scores: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(q, kᵀ) of a scores op: ``matmul(q, kᵀ)``, or BLOOM's ``baddbmm(alibi, q, kᵀ)``."""
+    if scores.target is torch.ops.aten.baddbmm.default:
+        return scores.args[1], scores.args[2]
+    return scores.args[0], scores.args[1]
 
 
 def seq_len_is_one(node: fx.Node) -> bool:

@@ -14,16 +14,34 @@ values (``[B, P, W]``), or ``None`` for a layer the config leaves out. Then, wit
 - the mask: ``P`` visible columns before the real ones, so every query sees the prefix while
   causality and padding among the real tokens stay as they were. An SDPA op with ``is_causal=True``
   and no mask gets an explicit causal mask with the prefix columns in front.
+
+A location's target is one module or a composition plan (``passes.compose``) over several, or an
+AdapterDrop plan around either (no prefix in skipped layers; with the skipped layers as a graph input,
+the prefix slots of skipped layers are hidden):
+
+- ``Stack``: the children's prefixes one before another, the last child's first (AdapterHub's
+  ``Stack('a', 'b')`` gives keys ``[P_b; P_a; K]``); a child whose config leaves the layer out adds
+  nothing there;
+- row splits (``BatchSplit``, ``Parallel``): each block of rows gets its child's prefix (its
+  ``prefixes`` computed for those rows, its gates reading those rows). Prefixes of different lengths
+  are left-padded to the longest with zero keys and values, and a block with no prefix gets only
+  padding; the padded slots are *masked* (a ``valid`` ``[B, P]`` flag per slot): in an SDPA mask, in
+  the explicit mask that replaces ``is_causal`` or a missing mask, and on the eager scores
+  (AdapterHub leaves them visible, a bug);
+- per-row routing (``route``): each row gets its adapter's prefix, padded and flagged the same way.
 """
 
 from __future__ import annotations
 
-import operator
+from typing import Any
 
 import torch
 from torch import fx
 
 from .attention import Attention, attention_layers, find_attention, seq_len_is_one
+from .compose import Leaf, Plan, drop_of
+from .prefix_compose import Emitter
+from .route import keep_valid
 from .sites import Site
 
 aten = torch.ops.aten
@@ -54,23 +72,68 @@ def cat_prefix_t(xt: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([heads.transpose(-1, -2), xt], dim=-1)
 
 
-def pad_mask(mask: torch.Tensor, p: torch.Tensor | None, visible: bool | float | None = None) -> torch.Tensor:
-    """``P`` columns of ``visible`` before the key columns of ``mask`` (default: True or 0.0)."""
+def pad_mask(
+    mask: torch.Tensor,
+    p: torch.Tensor | None,
+    visible: bool | float | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``P`` columns before the key columns of ``mask``: ``visible`` (default True or 0.0), or per row
+    ``valid`` ``[B, P]`` (the slots that are False get False, or the dtype's minimum)."""
     if p is None:
         return mask
     if visible is None:
         visible = True if mask.dtype == torch.bool else 0.0
-    front = mask.new_full((*mask.shape[:-1], p.shape[1]), visible)
+    if valid is None:
+        front = mask.new_full((*mask.shape[:-1], p.shape[1]), visible)
+        return torch.cat([front, mask], dim=-1)
+    while mask.dim() < 4:  # broadcasting aligns the trailing dims: leading ones keep its meaning
+        mask = mask.unsqueeze(0)
+    b = valid.shape[0]
+    mask = mask.expand(b, *mask.shape[1:])
+    hidden = (not visible) if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    flags = valid.reshape(b, *([1] * (mask.dim() - 2)), valid.shape[1]).expand(*mask.shape[:-1], -1)
+    front = mask.new_full(flags.shape, hidden).masked_fill(flags, visible)
     return torch.cat([front, mask], dim=-1)
 
 
-def causal_prefix_mask(q: torch.Tensor, k: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
-    """SDPA's ``is_causal=True`` as a boolean mask ``[Sq, P+Sk]`` whose prefix columns are all visible."""
+def causal_prefix_mask(
+    q: torch.Tensor, k: torch.Tensor, p: torch.Tensor | None, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SDPA's ``is_causal=True`` as a boolean mask ``[Sq, P+Sk]`` whose prefix columns are visible
+    (``[B, 1, Sq, P+Sk]`` whose prefix columns follow ``valid`` if given)."""
     sq, sk = q.shape[-2], k.shape[-2]
     causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
     if p is None:
         return causal
-    return torch.cat([causal.new_ones(sq, p.shape[1]), causal], dim=-1)
+    if valid is None:
+        return torch.cat([causal.new_ones(sq, p.shape[1]), causal], dim=-1)
+    b = valid.shape[0]
+    front = valid[:, None, None, :].expand(b, 1, sq, -1)
+    return torch.cat([front, causal.expand(b, 1, sq, sk)], dim=-1)
+
+
+def prefix_only_mask(
+    q: torch.Tensor, k: torch.Tensor, p: torch.Tensor | None, valid: torch.Tensor | None
+) -> torch.Tensor | None:
+    """For an SDPA op without a mask: ``[B, 1, Sq, P+Sk]`` hiding the padded prefix slots (None if none)."""
+    if p is None or valid is None:
+        return None
+    b, sq, sk = valid.shape[0], q.shape[-2], k.shape[-2]
+    front = valid[:, None, None, :].expand(b, 1, sq, -1)
+    return torch.cat([front, valid.new_ones(b, 1, sq, sk)], dim=-1)
+
+
+def mask_scores(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Eager attention's final scores ``[B, H, Sq, P+Sk]`` with the padded prefix slots at the minimum."""
+    if valid is None:
+        return scores
+    b, n = valid.shape
+    hidden = (~valid).reshape(b, *([1] * (scores.dim() - 2)), n)
+    if scores.dim() == 3:  # [B·H, Sq, P+Sk]
+        hidden = hidden.repeat_interleave(scores.shape[0] // b, dim=0)
+    front = scores[..., :n].masked_fill(hidden, torch.finfo(scores.dtype).min)
+    return torch.cat([front, scores[..., n:]], dim=-1)
 
 
 def _sdpa_mask(node: fx.Node) -> tuple[fx.Node | None, bool]:
@@ -88,7 +151,9 @@ def _set_arg(node: fx.Node, index: int, name: str, value) -> None:
         node.kwargs = {**node.kwargs, name: value}
 
 
-def _attach_sdpa(graph: fx.Graph, att: Attention, pk: fx.Node, pv: fx.Node) -> list[fx.Node]:
+def _attach_sdpa(
+    graph: fx.Graph, att: Attention, pk: fx.Node, pv: fx.Node, valid: fx.Node | None
+) -> list[fx.Node]:
     node = att.node
     mask, causal = _sdpa_mask(node)
     added = [graph.call_function(cat_prefix, (att.k, pk)), graph.call_function(cat_prefix, (att.v, pv))]
@@ -96,12 +161,15 @@ def _attach_sdpa(graph: fx.Graph, att: Attention, pk: fx.Node, pv: fx.Node) -> l
     args[1], args[2] = added
     node.args = tuple(args)
     if mask is not None:
-        added.append(graph.call_function(pad_mask, (mask, pk)))
+        added.append(graph.call_function(pad_mask, (mask, pk, None, valid)))
         _set_arg(node, 3, "attn_mask", added[-1])
     elif causal:
-        added.append(graph.call_function(causal_prefix_mask, (att.q, att.k, pk)))
+        added.append(graph.call_function(causal_prefix_mask, (att.q, att.k, pk, valid)))
         _set_arg(node, 3, "attn_mask", added[-1])
         _set_arg(node, 5, "is_causal", False)
+    elif valid is not None:
+        added.append(graph.call_function(prefix_only_mask, (att.q, att.k, pk, valid)))
+        _set_arg(node, 3, "attn_mask", added[-1])
     return added
 
 
@@ -135,7 +203,9 @@ def _mask_value(user: fx.Node, index: int, path: set[fx.Node]) -> bool | float:
     )
 
 
-def _attach_eager(graph: fx.Graph, att: Attention, pk: fx.Node, pv: fx.Node) -> list[fx.Node]:
+def _attach_eager(
+    graph: fx.Graph, att: Attention, pk: fx.Node, pv: fx.Node, valid: fx.Node | None
+) -> list[fx.Node]:
     scores, context = att.scores, att.context
     path = _on_path(scores, att.node)
     with graph.inserting_before(scores):
@@ -154,20 +224,26 @@ def _attach_eager(graph: fx.Graph, att: Attention, pk: fx.Node, pv: fx.Node) -> 
                 padded = graph.call_function(pad_mask, (arg, pk, value))
             user.replace_input_with(arg, padded)
             added.append(padded)
+    if valid is not None:  # padded slots: hidden on the final scores (after any softcap or mask)
+        softmax = att.node
+        with graph.inserting_before(softmax):
+            masked = graph.call_function(mask_scores, (softmax.args[0], valid))
+        softmax.args = (masked, *softmax.args[1:])
+        added.append(masked)
     return added
 
 
-def insert_prefix(graph: fx.Graph, sites: list[Site], targets: dict[str, str]) -> list[fx.Node]:
-    """Attach each location's prefix (module target keyed by its first k site) at its attention ops."""
+def insert_prefix(graph: fx.Graph, sites: list[Site], targets: dict[str, Any]) -> list[fx.Node]:
+    """Attach each location's prefix (a module target or a plan, keyed by its first k site) at its attention ops."""
     layers = {layer.key: layer for layer in attention_layers(sites)}
-    pools: dict[str, str] = {}
+    pools: dict[str, Leaf | Plan] = {}
     for key, target in targets.items():
         layer = layers.get(key)
         if layer is None or layer.position != 0:
             raise KeyError(f"{key!r} is not the first attention layer of a location in this graph")
-        pools[layer.location] = target
+        pools[layer.location] = Leaf(target) if isinstance(target, str) else target
     added: list[fx.Node] = []
-    kv: dict[str, fx.Node] = {}
+    caches: dict[str, dict[tuple, fx.Node]] = {}
     seen: set[str] = set()
     for att in find_attention(graph, sites):
         layer = layers.get(att.k_site)
@@ -178,24 +254,24 @@ def insert_prefix(graph: fx.Graph, sites: list[Site], targets: dict[str, str]) -
                 f"attention at {att.node.name} reads k from {att.k_site}, which the site table places in "
                 f"'{layer.location}' but the graph shows as {'cross' if att.cross else 'self'}-attention"
             )
-        target = pools[layer.location]
+        seen.add(att.k_site)
+        tree, keep = drop_of(pools[layer.location], layer.layer)
+        if tree is None:
+            continue  # AdapterDrop: no prefix in this layer
+        cache = caches.setdefault(layer.location, {})
+        emitter = Emitter(graph, layer.position, {"site": att.k_site, "position": layer.position})
         first = att.node if att.kind == "sdpa" else att.scores
         with graph.inserting_before(first):
-            if layer.location not in kv:
-                module = graph.get_attr(target)
-                kv[layer.location] = graph.call_method("prefixes", (module, att.k))
-                added += [module, kv[layer.location]]
             x = att.q_input if att.q_input is not None else att.k
-            pair = graph.call_module(target, (kv[layer.location], x, layer.position))
-            pk = graph.call_function(operator.getitem, (pair, 0))
-            pv = graph.call_function(operator.getitem, (pair, 1))
-            added += [pair, pk, pv]
+            pk, pv, valid = emitter.emit(tree, cache, None if cache else att.k, x)
+            added += emitter.added
+            if keep is not None:
+                valid = graph.call_function(keep_valid, (keep, layer.layer, pk, valid))
+                added.append(valid)
             if att.kind == "sdpa":
-                added += _attach_sdpa(graph, att, pk, pv)
+                added += _attach_sdpa(graph, att, pk, pv, valid)
         if att.kind == "eager":
-            added += _attach_eager(graph, att, pk, pv)
-        pair.meta["fxadapt"] = {"adapter": target, "site": att.k_site, "position": layer.position}
-        seen.add(att.k_site)
+            added += _attach_eager(graph, att, pk, pv, valid)
     missing = [k for k, layer in layers.items() if layer.location in pools and k not in seen]
     if missing:
         raise ValueError(

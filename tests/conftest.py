@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -21,6 +22,10 @@ from transformers import (
 from transformers.utils import logging
 
 logging.set_verbosity_error()
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: a worker's own threads would only contend
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 GPT2 = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=100, bos_token_id=1, eos_token_id=2)
@@ -77,8 +82,12 @@ def clone():
     return copy.deepcopy
 
 
-def compiled_graph_count(arch: str, config, training: bool) -> int:
-    """Graphs torch.compile makes of one call (and its backward) of an adapted model: 1 = no break."""
+def compiled_graph_count(arch: str, config, training: bool, setup=None) -> int:
+    """Graphs torch.compile makes of one call (and its backward) of an adapted model: 1 = no break.
+
+    With ``setup`` (a composition block over adapters named ``a``, ``b``, ...), one adapter of
+    ``config`` is added per name (and a fusion layer for a ``Fuse``) and the setup is trained.
+    """
     import fxadapt
 
     graphs = []
@@ -88,7 +97,19 @@ def compiled_graph_count(arch: str, config, training: bool) -> int:
         return gm.forward
 
     torch._dynamo.reset()
-    model = fxadapt.adapt(make(arch, head=True), config, compile_options={"backend": counting_backend})
+    if setup is None:
+        model = fxadapt.adapt(make(arch, head=True), config, compile_options={"backend": counting_backend})
+    else:
+        model = fxadapt.AdaptedModel(
+            make(arch, head=True), compile=True, compile_options={"backend": counting_backend}
+        )
+        for name in setup.flatten():
+            model.add_adapter(name, config)
+        if isinstance(setup, fxadapt.Fuse):
+            model.add_adapter_fusion(setup)
+            model.train_adapter_fusion(setup)
+        else:
+            model.train_adapter(setup)
     model.train(training)
     inputs = batch()
     labels = inputs["input_ids"] if arch == "llama" else torch.tensor([0, 1])

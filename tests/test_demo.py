@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fxadapt import demo
+from fxadapt.cli import demo
 
 
 def test_quick_demo(tmp_path: Path) -> None:
@@ -36,8 +36,9 @@ def test_quick_demo(tmp_path: Path) -> None:
     assert weights.is_file() and weights.stat().st_size > 0
     assert (tmp_path / "marker" / "adapter_config.json").is_file()
     assert result["adapter_sizes"]["adapter.safetensors"] == weights.stat().st_size
-    # only the adapter trains: 10 sites x (A [8, in] + B [out, 8]) of the quick model (hidden 32, ffn 64)
-    assert result["trainable_params"] == 6 * 8 * (32 + 32) + 2 * 8 * (32 + 64) * 2
+    # the adapter and the task head train: 10 sites x (A [8, in] + B [out, 8]) of the quick model
+    # (hidden 32, ffn 64), and the classifier [2, 32] + [2] (train_adapter's train_head=True)
+    assert result["trainable_params"] == 6 * 8 * (32 + 32) + 2 * 8 * (32 + 64) * 2 + 2 * 32 + 2
 
 
 def test_module_help() -> None:

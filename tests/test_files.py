@@ -117,14 +117,15 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     with torch.no_grad():
         next(model.adapters["a"].parameters()).add_(1)
 
-    def fail(src, dst):
+    def fail(new, target):
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", fail)
+    monkeypatch.setattr(fxadapt.formats.fileio, "_swap", fail)
     with pytest.raises(OSError):
         model.save_adapter(folder, "a")
     assert (folder / "adapter.safetensors").read_bytes() == original
     assert sorted(os.listdir(folder)) == ["adapter.safetensors", "adapter_config.json"]
+    assert os.listdir(tmp_path) == ["a"], "the temporary folder is removed"
 
 
 def test_own_format_loads_across_head_classes(tmp_path):

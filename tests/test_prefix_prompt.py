@@ -18,6 +18,7 @@ from transformers import AutoModel, BartConfig, BartForConditionalGeneration, GP
 
 import fxadapt
 from fxadapt import PrefixTuningConfig, PrefixTuningFlatConfig, PromptTuningConfig
+from fxadapt.heads.static import task_head
 from passes.attention import attention_layers
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
@@ -253,6 +254,8 @@ def test_training_lowers_loss_and_leaves_base_alone(arch, config):
     base = _lm(arch)
     before = {k: v.detach().clone() for k, v in base.state_dict().items()}
     model = fxadapt.adapt(base, config, compile=False)
+    for p in task_head(base).values():  # the prefix or prompt alone must move the loss
+        p.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     inputs = batch(4, 8, pad=2)
     labels = torch.tensor([0, 1, 1, 0]) if arch == "bert" else inputs["input_ids"].clone()
@@ -372,8 +375,8 @@ def test_bad_adapters_leave_the_model_unchanged():
 
 
 def test_adapterhub_names_for_every_location():
-    from fxadapt.prefix_tuning import adapterhub_key
-    from fxadapt.prompt_tuning import adapterhub_key as prompt_key
+    from fxadapt.methods.prefix_tuning import adapterhub_key
+    from fxadapt.methods.prompt_tuning import adapterhub_key as prompt_key
 
     sites = fxadapt.AdaptedModel(make("bart")).sites()
     pool = "prefix_tuning.pool.prefix_tunings.a"

@@ -41,7 +41,7 @@ def test_gpt2_fused_c_attn_has_three_sections():
     table = fxadapt.AdaptedModel(make("gpt2")).sites().by_key()
     c_attn = table["h.0.attn.c_attn"]
     assert c_attn.roles == ("q", "k", "v") and c_attn.op == "addmm" and c_attn.transposed
-    assert c_attn.sections == ((0, 32), (32, 64), (64, 96))
+    assert c_attn.sections == (((0, 32),), ((32, 64),), ((64, 96),))
     assert table["h.0.attn.c_proj"].roles == ("o",)
     assert table["h.0.mlp.c_fc"].roles == ("ffn_in",)
     assert table["h.0.mlp.c_proj"].roles == ("ffn_out",)

@@ -1,0 +1,1 @@
+"""Composition: blocks (Stack, Fuse, Split, BatchSplit, Parallel, Average, Sum), AdapterFusion, parameter averaging."""

@@ -97,7 +97,8 @@ def variants(base: torch.nn.Module, name: str) -> dict[str, Any]:
     ).eval()
     plain = copy.deepcopy(base)
     static = copy.deepcopy(base)
-    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default", _compile_all_devices=True)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked this way
 
     def static_generate(**kw: Any) -> Any:
         return static.generate(**kw, cache_implementation="static", compile_config=compile_config)

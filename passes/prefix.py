@@ -2,8 +2,9 @@
 
 For each location (``self``, ``encoder``, ``cross``; see ``passes.attention``) the adapter has one
 module, keyed by the location's first k projection site. The pass calls it once,
-``kv = module.prefixes(k)`` (``[B, P, 2·layers, W]``, batch taken from the first key operand), and
-at every attention op of that location ``pk, pv = module(kv, x, position)``: the layer's keys and
+``kv = module.prefixes(k)`` (every layer's keys and values, batch taken from the first key operand, or
+from the block's input where the keys fold the heads into the batch), and at every attention op of
+that location ``pk, pv = module(kv, x, position)``: the layer's keys and
 values (``[B, P, W]``), or ``None`` for a layer the config leaves out. Then, with plain functions
 (graph-independent, so the same code runs eagerly and under ``torch.compile``):
 
@@ -57,19 +58,26 @@ def _heads(p: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     return out
 
 
+def _prefix_like(x: torch.Tensor, p: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The prefix in the layout of keys or values ``x``: ``[B, H, P, D]``, or ``[B·H, P, D]`` where the
+    model folds the heads into the batch (DeBERTa), ``[B·H, S, D]``."""
+    if x.dim() == 3:
+        return _heads(p, x.shape[0] // p.shape[0], head_dim).flatten(0, 1).to(x.dtype)
+    return _heads(p, x.shape[1], head_dim).to(x.dtype)
+
+
 def cat_prefix(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
-    """Keys or values ``[B, H, S, D]`` with the prefix ``[B, P, W]`` in front: ``[B, H, P+S, D]``."""
+    """Keys or values ``[B, H, S, D]`` (or ``[B·H, S, D]``) with the prefix ``[B, P, W]`` in front."""
     if p is None:
         return x
-    return torch.cat([_heads(p, x.shape[1], x.shape[-1]).to(x.dtype), x], dim=-2)
+    return torch.cat([_prefix_like(x, p, x.shape[-1]), x], dim=-2)
 
 
 def cat_prefix_t(xt: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
-    """Transposed keys ``[B, H, D, S]`` with the prefix in front: ``[B, H, D, P+S]``."""
+    """Transposed keys ``[B, H, D, S]`` (or ``[B·H, D, S]``) with the prefix in front along the last dim."""
     if p is None:
         return xt
-    heads = _heads(p, xt.shape[1], xt.shape[-2]).to(xt.dtype)
-    return torch.cat([heads.transpose(-1, -2), xt], dim=-1)
+    return torch.cat([_prefix_like(xt, p, xt.shape[-2]).transpose(-1, -2), xt], dim=-1)
 
 
 def pad_mask(
@@ -203,19 +211,66 @@ def _mask_value(user: fx.Node, index: int, path: set[fx.Node]) -> bool | float:
     )
 
 
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+
+
+def with_key_dim(shape: list, x: torch.Tensor) -> list:
+    """A view's target shape whose last (key) dim follows ``x``, which now holds the prefix keys too."""
+    return [*shape[:-1], x.shape[-1]]
+
+
+def _lengthen_reshape(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """A view of the scores on the way to the softmax (DeBERTa's ``[B·H, S, S] -> [B, H, S, S]``) keeps
+    the key dim last; its target shape, recorded for ``S`` keys, is made to follow its input."""
+    x, out = node.args[0].meta.get("val"), node.meta.get("val")
+    if x is None or out is None or str(x.shape[-1]) != str(out.shape[-1]):
+        raise ValueError(
+            f"prefix tuning cannot lengthen {node.format_node()}: it does not keep the key dim last"
+        )
+    with graph.inserting_before(node):
+        shape = graph.call_function(with_key_dim, (node.args[1], node.args[0]))
+    node.args = (node.args[0], shape, *node.args[2:])
+    return shape
+
+
+_SCALES = (aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar)
+
+
+def _scaled_key(kt: fx.Node) -> tuple[fx.Node | None, fx.Node]:
+    """``(scale op, key)`` where the scores read ``kᵀ / scale`` (DeBERTa), else ``(None, kt)``."""
+    if kt.op != "call_function" or kt.target not in _SCALES or len(kt.users) != 1:
+        return None, kt
+    other = kt.args[1]
+    value = other.meta.get("val") if isinstance(other, fx.Node) else None
+    if isinstance(other, fx.Node) and (value is None or value.numel() != 1):
+        return None, kt
+    key = kt.args[0]
+    return (kt, key) if isinstance(key, fx.Node) else (None, kt)
+
+
 def _attach_eager(
     graph: fx.Graph, att: Attention, pk: fx.Node, pv: fx.Node, valid: fx.Node | None
 ) -> list[fx.Node]:
     scores, context = att.scores, att.context
     path = _on_path(scores, att.node)
-    with graph.inserting_before(scores):
-        kt = graph.call_function(cat_prefix_t, (att.k, pk))
-    scores.args = (scores.args[0], kt, *scores.args[2:])
+    scaled, key = _scaled_key(att.k)
+    with graph.inserting_before(scaled or scores):
+        kt = graph.call_function(cat_prefix_t, (key, pk))
+    if scaled is not None:  # the prefix keys are scaled as the real ones are
+        scaled.replace_input_with(key, kt)
+    else:
+        scores.args = (scores.args[0], kt, *scores.args[2:])
     with graph.inserting_before(context):
         v = graph.call_function(cat_prefix, (att.v, pv))
     context.args = (context.args[0], v, *context.args[2:])
     added = [kt, v]
+    for user in [n for n in graph.nodes if n in _on_path(att.node, context) and n is not att.node]:
+        if user.target in _RESHAPES:  # the probabilities' views on their way to the values
+            added.append(_lengthen_reshape(graph, user))
     for user in [n for n in graph.nodes if n in path and n is not scores]:
+        if user.target in _RESHAPES:
+            added.append(_lengthen_reshape(graph, user))
+            continue
         for index, arg in enumerate(user.args):
             if not isinstance(arg, fx.Node) or arg in path or seq_len_is_one(arg):
                 continue
@@ -231,6 +286,12 @@ def _attach_eager(
         softmax.args = (masked, *softmax.args[1:])
         added.append(masked)
     return added
+
+
+def _folded(k: fx.Node) -> bool:
+    """Keys whose heads are folded into the batch (``[B·H, D, S]``, DeBERTa), as the capture recorded them."""
+    value = k.meta.get("val")
+    return value is not None and value.dim() == 3
 
 
 def insert_prefix(graph: fx.Graph, sites: list[Site], targets: dict[str, Any]) -> list[fx.Node]:
@@ -260,10 +321,11 @@ def insert_prefix(graph: fx.Graph, sites: list[Site], targets: dict[str, Any]) -
             continue  # AdapterDrop: no prefix in this layer
         cache = caches.setdefault(layer.location, {})
         emitter = Emitter(graph, layer.position, {"site": att.k_site, "position": layer.position})
-        first = att.node if att.kind == "sdpa" else att.scores
+        first = att.node if att.kind == "sdpa" else (_scaled_key(att.k)[0] or att.scores)
         with graph.inserting_before(first):
             x = att.q_input if att.q_input is not None else att.k
-            pk, pv, valid = emitter.emit(tree, cache, None if cache else att.k, x)
+            ref = x if _folded(att.k) else att.k  # a tensor whose first dim is the batch
+            pk, pv, valid = emitter.emit(tree, cache, None if cache else ref, x)
             added += emitter.added
             if keep is not None:
                 valid = graph.call_function(keep_valid, (keep, layer.layer, pk, valid))

@@ -213,6 +213,8 @@ def insert_prompt(graph: fx.Graph, sites: list[Site], targets: dict[str, Any]) -
                 "the decoder's length is the encoder input's (decoder inputs derived from input_ids); "
                 "prompt tuning lengthens only the encoder's: pass decoder_input_ids or labels"
             )
+    # the embedding block itself runs on the S real tokens (DeBERTa multiplies its output by the mask)
+    upstream = _ancestors(h)
     sources: list[fx.Node] = []
     masked = False
     for name, value in (("attention_mask", 1), ("labels", IGNORE_INDEX)):
@@ -235,7 +237,7 @@ def insert_prompt(graph: fx.Graph, sites: list[Site], targets: dict[str, Any]) -
             else:
                 extended = graph.call_function(prepend, (src, length, value))
         made = set(graph.nodes) - made
-        src.replace_all_uses_with(extended, delete_user_cb=lambda user, new=made: user not in new)
+        src.replace_all_uses_with(extended, delete_user_cb=lambda user, new=made: user not in new | upstream)
         sources.append(extended)
         last = extended
     if isinstance(tree, Plan) and not masked:
@@ -290,6 +292,18 @@ def _rows(
         else:
             parts.append(block(xi, child.target if child is not None else None))
     return graph.call_function(cat_rows, tuple(parts))
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node ``node`` reads, directly or not."""
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 def _latest(graph: fx.Graph, nodes: list[Any]) -> fx.Node:

@@ -67,3 +67,20 @@ def test_peft_prefix_generate_drops_the_prefix(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, peft_model(**inputs).logits, atol=1e-5, rtol=0)
         assert torch.equal(peft_model.generate(**inputs, **KW), base.generate(**inputs, **KW))
+
+
+def test_prefix_outputs_and_gradients_equal_peft(tmp_path):
+    """The layers' prefixes are split off before the batch is expanded (issue 13): outputs and the
+    gradient of the prefix itself still equal PEFT's, whose prefix is one ``[P, 2·layers·W]`` table."""
+    base, peft_model, model = _peft_prefix(tmp_path)
+    peft_model.train()
+    model.train_adapter("p")
+    inputs = prompts(2, 5)
+    mine, theirs = model(**inputs).logits, peft_model(**inputs).logits
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+    mine.square().mean().backward()
+    theirs.square().mean().backward()
+    (table,) = [p for p in model.adapters["p"].parameters() if p.requires_grad]
+    expected = peft_model.prompt_encoder["default"].embedding.weight.grad
+    assert expected is not None and expected.abs().max() > 0
+    torch.testing.assert_close(table.grad.reshape(expected.shape), expected, atol=1e-6, rtol=1e-5)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,30 +20,28 @@ from torch import fx, nn
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from passes.cleanup import cleanup, clone
-from passes.compose import Leaf, layer_numbers
+from passes.compose import layer_numbers
 from passes.merge import drop_modules
 from passes.mode import eval_differs, to_eval
 from passes.retarget import retarget
 from passes.sites import SiteTable, find_sites, override_roles
 
 from . import generation, summary
-from .adapter import Adapter, copies_of, saved_copies, slot
+from .adapter import Adapter, copies_of, saved_copies
 from .capture import BASE, CONSTS, EXPORT_LOCK, Capture, capture, example_inputs, split_inputs
 from .compose.api import CompositionMixin
-from .compose.blocks import Split, Stack, parse_composition
+from .compose.blocks import Split, Stack, parse_composition, setup_names
 from .compose.drop import Drop, keep_inputs, runner_skip
 from .compose.fusion import fusion_key
 from .compose.insert import insert_setup
-from .compose.plan import check_call, check_setup, normalize, plan
+from .compose.plan import check_call, check_setup, normalize
 from .compose.route import Route, route_call, route_inputs
 from .config import AdapterConfig
 from .errors import ConfigError, FxAdaptError
-from .formats import folder
-from .formats.hub import resolve
-from .heads import files as head_files
+from .formats.api import FilesMixin
 from .heads.mixin import HeadsMixin
 from .interface import AdapterModelInterface
-from .methods.prefix_tuning import eject
+from .merging import MergingMixin
 from .names import name_list, name_problem
 from .registry import resolve_config
 from .sizing import build_modules
@@ -67,7 +64,15 @@ def _signature(tensors: dict[str, torch.Tensor], static: dict[str, Any]) -> tupl
     )
 
 
-class AdaptedModel(CompositionMixin, HeadsMixin, TrainingMixin, GradientCheckpointingMixin, nn.Module):
+class AdaptedModel(
+    CompositionMixin,
+    HeadsMixin,
+    TrainingMixin,
+    GradientCheckpointingMixin,
+    MergingMixin,
+    FilesMixin,
+    nn.Module,
+):
     """A Hugging Face model run through rewritten graphs, with AdapterHub's adapter methods.
 
     ``site_roles`` overrides role detection for an unusual model: ``{regex on site key: role}``
@@ -223,7 +228,7 @@ class AdaptedModel(CompositionMixin, HeadsMixin, TrainingMixin, GradientCheckpoi
 
     def _call_inputs(self, kwargs: dict[str, Any], setup: Any) -> dict[str, Any]:
         """The call's arguments as the setup's methods need them (``Method.call_inputs``)."""
-        for name in _setup_names(setup):
+        for name in setup_names(setup):
             hook = self.adapters[name].method.call_inputs
             if hook is not None:
                 kwargs = hook(self.adapters[name], kwargs, self.base)
@@ -268,7 +273,7 @@ class AdaptedModel(CompositionMixin, HeadsMixin, TrainingMixin, GradientCheckpoi
         setup = self._active if setup is None else setup
         skip = self._skip_layers
         if skip and self.training:
-            skip = runner_skip(skip, _setup_names(setup), self.adapters, self._layer_numbers())
+            skip = runner_skip(skip, setup_names(setup), self.adapters, self._layer_numbers())
         return (sig, self.training, setup, merged, skip)
 
     def _layer_numbers(self) -> dict[str, int]:
@@ -348,7 +353,7 @@ class AdaptedModel(CompositionMixin, HeadsMixin, TrainingMixin, GradientCheckpoi
         drop_modules(graph, {self.adapters[n].target(k) for n in merged for k in self.adapters[n].site_keys})
         added = [n.target for n in graph.nodes if n.op == "placeholder"][len(cap.input_names) :]
         input_names, out_spec = self._attach_heads(graph, cap.input_names + tuple(added), cap.out_spec, heads)
-        retarget(graph, saved_copies([self.adapters[n] for n in _setup_names(active)]))
+        retarget(graph, saved_copies([self.adapters[n] for n in setup_names(active)]))
         gm = cleanup(fx.GraphModule(self, graph, class_name="AdaptedGraph"))
         if training:
             gm = self._checkpoint_graph(gm)
@@ -414,7 +419,7 @@ class AdaptedModel(CompositionMixin, HeadsMixin, TrainingMixin, GradientCheckpoi
         self._names(name)
         if name in self._backups:
             raise ConfigError(f"adapter {name!r} is merged; call reset_adapter() before deleting it")
-        if self._active is not None and name in _setup_names(self._active):
+        if self._active is not None and name in setup_names(self._active):
             self._active = None
         del self.adapters[name]
         self._forget_graphs(name)
@@ -422,7 +427,7 @@ class AdaptedModel(CompositionMixin, HeadsMixin, TrainingMixin, GradientCheckpoi
     def _forget_graphs(self, name: str) -> None:
         """Drop the built graphs that run adapter ``name``, and routed ones (they hold every routable adapter)."""
         stale = [
-            k for k in self._runners if name in _setup_names(k[2]) or name in k[3] or isinstance(k[2], Route)
+            k for k in self._runners if name in setup_names(k[2]) or name in k[3] or isinstance(k[2], Route)
         ]
         for k in stale:
             del self._runners[k]
@@ -502,7 +507,7 @@ class AdaptedModel(CompositionMixin, HeadsMixin, TrainingMixin, GradientCheckpoi
         which also trains the input embeddings (AdapterHub's option).
         """
         setup = self._parse_setup(adapter_setup)
-        merged = [n for n in _setup_names(setup) if n in self._backups]
+        merged = [n for n in setup_names(setup) if n in self._backups]
         if merged:
             raise ConfigError(
                 f"adapters {merged} are merged into the base weights, so they cannot be trained: "
@@ -511,153 +516,17 @@ class AdaptedModel(CompositionMixin, HeadsMixin, TrainingMixin, GradientCheckpoi
         self._activate(setup, frozenset())
         for p in self.parameters():
             p.requires_grad_(False)
-        for n in _setup_names(setup):
+        for n in setup_names(setup):
             for p in self.adapters[n].parameters():
                 p.requires_grad_(True)
         for p in self._head_parameters(train_head, train_embeddings):
             p.requires_grad_(True)
         self.train()
 
-    def merge_adapter(self, name: str) -> None:
-        """Fold the adapter into the base weights and drop its nodes from the graph."""
-        self._names(name)
-        adapter = self.adapters[name]
-        parts = adapter.parts()
-        unfoldable = [m.name for m, _, _ in parts if m.fold is None]
-        if unfoldable:
-            raise ConfigError(f"{', '.join(unfoldable)} adapters cannot be merged into the base weights")
-        if name in self._backups:
-            raise ConfigError(f"adapter {name!r} is already merged")
-        active = self._active
-        if name in _setup_names(active) and not _merges_alone(
-            active, name, self.adapters, self._fusion_target
-        ):
-            raise ConfigError(
-                f"adapter {name!r} is part of the active setup {active!r}; merged into the base weights it "
-                "would act on every branch of the block. Activate it alone (or in a Sum) to merge it"
-            )
-        sites = self.sites().by_key()
-        backups: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            try:
-                for method, _, keys in parts:
-                    for key, own in keys.items():
-                        if key not in sites:  # a pseudo-site (shared parameters): nothing to fold
-                            continue
-                        site = sites[key]
-                        weight = self.get_parameter(site.weight)
-                        bias = self.get_parameter(site.bias) if site.bias else None
-                        for target, tensor in ((site.weight, weight), (site.bias, bias)):
-                            if target is not None:
-                                backups.setdefault(target, tensor.detach().clone())
-                        if site.expert is not None:  # one expert of a 3-D expert weight
-                            weight = weight[site.expert]
-                        method.fold(adapter.layers[slot(own)], weight, bias, site)
-            except Exception:
-                for target, original in backups.items():  # a refused fold leaves the weights as they were
-                    self.get_parameter(target).copy_(original)
-                raise
-        self._backups[name] = backups
-
-    def reset_adapter(self, name: str | None = None) -> None:
-        """Undo merges: restore the base weights exactly as they were before merging."""
-        names = list(self._backups) if name is None else [name]
-        for n in names:
-            if n not in self._backups:
-                raise ConfigError(f"adapter {n!r} is not merged; merged: {list(self._backups)}")
-        later = list(self._backups)[list(self._backups).index(names[0]) + 1 :] if name else []
-        clash = [m for m in later if set(self._backups[m]) & set(self._backups[name])]
-        if clash:
-            raise ConfigError(f"reset {clash} first: they were merged later into the same weights")
-        with torch.no_grad():
-            for n in reversed(names):
-                for target, original in self._backups.pop(n).items():
-                    self.get_parameter(target).copy_(original)
-
-    @property
-    def merged_adapters(self) -> tuple[str, ...]:
-        return tuple(self._backups)
-
-    def eject_prefix_tuning(self, name: str) -> None:
-        """Replace a reparameterized prefix by its computed keys/values (``prefix_tuning_flat``)."""
-        self._names(name)
-        self.adapters[name] = eject(self.adapters[name])
-        self._forget_graphs(name)
-
     def adapter_summary(self, as_dict: bool = False) -> str | list[dict[str, Any]]:
         """Name, method, parameters, share of the base model, active and trainable, per adapter."""
         rows = summary.rows(self)
         return rows if as_dict else summary.render(rows)
-
-    # ---- files ---------------------------------------------------------------------------------
-    def save_adapter(
-        self,
-        save_directory: str | os.PathLike,
-        adapter_name: str,
-        format: str = "fxadapt",
-        with_head: bool = True,
-    ) -> None:
-        """Write one adapter into ``save_directory`` (created if missing) as one unit (``fileio.atomic_folder``).
-
-        ``with_head``: also the head named like the adapter, or a static model's task head
-        (``head_config.json`` + ``head.safetensors``, or AdapterHub's ``pytorch_model_head.bin``), in
-        the same unit.
-
-        ``format="fxadapt"``: ``adapter_config.json`` + ``adapter.safetensors``, every fxadapt option.
-        ``format="adapterhub"``: what AdapterHub's ``save_adapter`` writes (``adapter_config.json`` +
-        ``pytorch_adapter.bin``), so that its ``model.load_adapter(save_directory)`` loads it; an option
-        AdapterHub cannot express (LoRA's ``fused_qkv="joint"`` or ``target_sites``) raises ConfigError
-        before anything is written. ``format="peft"``: what PEFT's ``save_pretrained`` writes, so that
-        ``PeftModel.from_pretrained`` loads it (LoRA, DoRA, (IA)^3, VeRA, prompt and prefix tuning;
-        ``modules_to_save`` copies as PEFT's). See docs/formats.md.
-        """
-        self._names(adapter_name)
-        # PEFT's format carries a task head as modules_to_save; an unknown format is refused by folder.save
-        heads_too = with_head and format in head_files.FORMATS
-        extra = head_files.file_bytes(self, adapter_name, format) if heads_too else None
-        folder.save(self, save_directory, adapter_name, format, extra)
-
-    def load_adapter(
-        self,
-        adapter_name_or_path: str | os.PathLike,
-        load_as: str | None = None,
-        set_active: bool = False,
-        revision: str | None = None,
-        with_head: bool = True,
-        id2label: dict[int, str] | None = None,
-    ) -> str:
-        """Load an fxadapt, AdapterHub or PEFT adapter from a folder or a Hub repo id ("org/name").
-
-        ``with_head``: also the head saved beside it (named like the adapter), activated with it.
-        The model is unchanged on any error.
-        """
-        adapter = folder.load(self, adapter_name_or_path, load_as, revision)
-        self._check_new_name(adapter.name, remedy="pass load_as='other_name', or delete_adapter() it first")
-        path = resolve(adapter_name_or_path, revision)
-        head = head_files.read_beside(self, path, adapter.name, id2label) if with_head else None
-        self._install(adapter, set_active)
-        if head is not None:
-            head_files.install(self, head, set_active=set_active)
-        return adapter.name
-
-
-def _setup_names(setup: Any) -> list[str]:
-    if setup is None:
-        return []
-    return [setup] if isinstance(setup, str) else setup.flatten()
-
-
-def _merges_alone(setup: Any, name: str, adapters: Any, fusion_target: Any) -> bool:
-    """Whether ``name`` acts alone (or in a Sum of plain updates) at every one of its sites under ``setup``,
-    so that folding it into the weights computes what the setup computes."""
-    own = {adapters[name].target(k) for _, _, keys in adapters[name].parts() for k in keys.values()}
-    for group in plan(setup, adapters, fusion_target):
-        for tree in group.targets.values():
-            if isinstance(tree, Leaf) or not (set(leaf.target for leaf in tree.leaves()) & own):
-                continue
-            if tree.kind != "sum" or not all(isinstance(c, Leaf) for c in tree.children):
-                return False
-    return True
 
 
 def _has(setup: Any, block: type) -> bool:

@@ -133,3 +133,26 @@ def test_parallel_heads_under_torch_compile_make_one_graph():
     out = model(**batch(B, S), labels=torch.tensor([0, 1]))
     out.loss.backward()
     assert len(graphs) == 1 and [tuple(o.logits.shape) for o in out] == [(B, 2), (B, 3)]
+
+
+def test_hf_trainer_with_a_head_per_parallel_branch(tmp_path):
+    """The HF Trainer trains through Parallel with two heads (the loss is their sum) and predicts one
+    output per head, every evaluated row in each."""
+    from test_trainer import Parity, _args
+    from transformers import Trainer
+
+    torch.manual_seed(0)
+    model = fxadapt.AdaptedModel(make("bert"))
+    for name in ("a", "b"):
+        model.add_adapter(name, "lora")
+        model.add_classification_head(name, num_labels=2)
+    model.train_adapter(Parallel("a", "b"))
+    trainer = Trainer(
+        model=model, args=_args(tmp_path), train_dataset=Parity(), eval_dataset=Parity(16, seed=1)
+    )
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    pred = trainer.predict(Parity(16, seed=1))
+    assert [tuple(o.logits.shape) for o in pred.predictions] == [(16, 2), (16, 2)]
+    assert pred.label_ids.shape == (16,)

@@ -218,6 +218,13 @@ ALLOWED_NESTINGS: dict[type, tuple[type, ...]] = {
 }
 
 
+def setup_names(setup: Any) -> list[str]:
+    """The adapter names of an active setup (a name, a block or None), in order."""
+    if setup is None:
+        return []
+    return [setup] if isinstance(setup, str) else setup.flatten()
+
+
 def _sizes(value: int | Sequence[int], n: int, block: str, option: str) -> list[int]:
     sizes = [value] * n if isinstance(value, int) and not isinstance(value, bool) else value
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):

@@ -55,3 +55,24 @@ def test_two_processes_train_like_one(tmp_path):
         assert torch.equal(ddp[k], ranks[0][k])
     files = [{f for f in os.listdir(d / "checkpoint-4") if not f.startswith("rng_state")} for d in (one, two)]
     assert files[0] == files[1]  # rng states are per process (rng_state_<rank>.pth)
+
+
+def test_fsdp2_sharded_model_trains_like_one_process(tmp_path):
+    """``fully_shard`` over the whole AdaptedModel (FSDP2, gloo on CPU), two ranks on half the rows each,
+    ends with the trainable state one process reaches on all the rows (docs/training.md)."""
+    script = SCRIPT.parent / "fsdp_run.py"
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(script), str(one)], tmp_path)
+    _run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+        + [str(script), str(two)],
+        tmp_path,
+    )
+    single, sharded = load_file(one / "state.safetensors"), load_file(two / "state.safetensors")
+    assert sorted(single) == sorted(sharded) and all(
+        k.startswith(("adapters.a.", "heads.a.")) for k in single
+    )
+    for k in single:
+        torch.testing.assert_close(sharded[k], single[k], atol=1e-5, rtol=1e-4)
+    lora_b = [k for k in single if k.endswith("lora_B")]
+    assert lora_b and all(single[k].abs().max() > 0 for k in lora_b)  # the steps moved B off its zero init

@@ -401,7 +401,12 @@ class AdaptedModel(
         self.adapters[adapter.name] = adapter
         self._forget_graphs(adapter.name)
         if set_active:
-            self.set_active_adapters(adapter.name)
+            try:
+                self.set_active_adapters(adapter.name)
+            except Exception:  # an adapter that cannot apply to this graph is not left behind
+                del self.adapters[adapter.name]
+                self._forget_graphs(adapter.name)
+                raise
 
     def _fusion_target(self, name: str, site_key: str) -> tuple[str, tuple] | None:
         """The fusion layer of fusion ``name`` at a site, with the options the pass needs."""

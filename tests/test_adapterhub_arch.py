@@ -17,11 +17,6 @@ import torch
 import fxadapt
 
 # Cases fxadapt cannot reproduce yet, with the reason (strict: a case that starts to pass must move out).
-_STATIC_SEQ = (
-    "prompt tuning on a vision model: the patch sequence length is static in the captured graph (no "
-    "sequence symbol), so the prompt pass finds no [batch, seq, hidden] input of layer 0 to lengthen "
-    "and cannot re-derive the downstream shapes"
-)
 _T5_BIAS = (
     "AdapterHub computes T5's relative position bias over key positions 0..P+S-1 with the prefix first "
     "(compute_bias(query_length, key_length) in adapters/models/t5/modeling_t5.py), so every real key "
@@ -36,8 +31,6 @@ _HOOKED_POST_NORM = (
     "its own norm to the adapter's output; fxadapt adapts the layer's own norm of h, then adds x"
 )
 XFAIL: dict[tuple[str, str], str] = {
-    ("vit", "prompt_tuning"): _STATIC_SEQ,
-    ("beit_nobias", "prompt_tuning"): _STATIC_SEQ,
     ("t5", "prefix_tuning"): _T5_BIAS,
     ("mt5", "prefix_tuning"): _T5_BIAS,
     ("gemma2", "seq_bn"): _HOOKED_POST_NORM,

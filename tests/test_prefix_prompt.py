@@ -396,3 +396,45 @@ def test_adapterhub_names_for_every_location():
     assert prompt_key("prompt_tuning.prompt_tunings.a.prompt_embedding.weight", sites) == (
         "prompt_tuning.prompt_embedding.weight"
     )
+
+
+def _vision(name: str, **options) -> tuple[nn.Module, dict]:
+    import dataclasses
+
+    from architectures import ARCHS, inputs
+
+    arch = next(a for a in ARCHS if a.name == name)
+    arch = dataclasses.replace(arch, options={**arch.options, **options})
+    base = arch.build()
+    return base, inputs(arch, base)
+
+
+def test_prompt_tuning_on_a_fixed_patch_sequence_lengthens_every_size():
+    """ViT's sequence length is a number in the captured graph: the views and the all-visible mask
+    follow ``S + P``, the class token stays first among the real positions (AdapterHub's cases check
+    the values; here the shapes and the unchanged real-token path at init)."""
+    base, inputs = _vision("vit")
+    with torch.no_grad():
+        plain = base.vit(**inputs).last_hidden_state
+    model = fxadapt.AdaptedModel(base.vit)
+    model.add_adapter("p", PromptTuningConfig(prompt_length=3), set_active=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs).last_hidden_state
+    assert out.shape == (plain.shape[0], plain.shape[1] + 3, plain.shape[2])
+    assert not torch.allclose(out[:, 3:], plain)  # the real positions attend to the prompt
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("beit", {"use_relative_position_bias": True}, "relative position table"),
+        ("swin", {}, "cannot be told apart"),
+    ],
+)
+def test_prompt_tuning_refuses_what_it_cannot_lengthen(name, options, message):
+    base, inputs = _vision(name, **options)
+    model = fxadapt.AdaptedModel(base)
+    with pytest.raises(fxadapt.FxAdaptError, match=message):
+        model.add_adapter("p", "prompt_tuning", set_active=True)
+    assert "p" not in model.adapters and model.active_adapters is None

@@ -19,6 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..adapter import SAVED, slot
 from ..errors import AdapterFileError, ConfigError
+from ..heads.static import task_head
 from ..registry import method_for_peft_type, peft_types
 from .fileio import CONFIG, atomic_folder, first_existing, read_tensors, write_file
 
@@ -64,6 +65,9 @@ def _split_saved(raw: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple
 
 # ---- writing ---------------------------------------------------------------------------------------
 
+# task types whose PeftModel puts the task head (classifier, score, qa_outputs) into modules_to_save
+_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
+
 
 def task_type(base: Any) -> str | None:
     """PEFT's ``task_type`` for a model class (None for a bare base model)."""
@@ -86,9 +90,15 @@ def write(model: Any, directory: str | os.PathLike, name: str, extra: dict[str, 
     config, tensors = method.to_peft(adapter, model)
     prompt_learning = config["peft_type"] in PROMPT_LEARNING
     prefix = "base_model." if prompt_learning else "base_model.model."
-    modules = sorted({p.rsplit(".", 1)[0] for p in adapter.saved_paths})
+    modules = {p.rsplit(".", 1)[0] for p in adapter.saved_paths}
     for path in adapter.saved_paths:
         tensors[prefix + path] = adapter.saved[slot(path)]
+    if task_type(model.base) in _HEAD_TASKS:  # PEFT wraps the task head in modules_to_save for these
+        for path, param in task_head(model.base).items():
+            if path.rsplit(".", 1)[0] not in modules:
+                tensors[prefix + path] = param
+        modules |= {p.rsplit(".", 1)[0] for p in task_head(model.base)}
+    modules = sorted(modules)
     hf = getattr(model.base, "config", None)
     config = {
         "base_model_name_or_path": getattr(hf, "name_or_path", None) or None,

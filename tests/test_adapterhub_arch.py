@@ -20,8 +20,9 @@ import fxadapt
 _T5_BIAS = (
     "AdapterHub computes T5's relative position bias over key positions 0..P+S-1 with the prefix first "
     "(compute_bias(query_length, key_length) in adapters/models/t5/modeling_t5.py), so every real key "
-    "is shifted by P relative to the queries; fxadapt keeps the base model's bias for the real keys "
-    "and gives the prefix keys 0"
+    "is shifted by P relative to the queries: a prefix changes the bias between the real tokens "
+    "themselves. fxadapt keeps the real tokens' relative positions (as PEFT does, whose prefix is a "
+    "cache before the tokens) and gives the prefix keys no bias; a choice, not a limit"
 )
 _HOOKED_POST_NORM = (
     "AdapterHub's plugin interface hooks the bottleneck on mlp.down_proj with layer_ln_2 "

@@ -64,3 +64,33 @@ def test_fxadapt_to_peft_and_back(case, tmp_path):
     back.eval()
     with torch.no_grad():
         torch.testing.assert_close(main_output(back(**inputs)), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_peft_lora_options_that_change_the_math(tmp_path):
+    """PEFT's rsLoRA scaling, per-module ranks and alphas and a subset of layers, read from its folder."""
+    from peft import LoraConfig, get_peft_model
+
+    base = make("llama", head=True)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        use_rslora=True,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 32},
+        layers_to_transform=[1],
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = fxadapt.AdaptedModel(copy.deepcopy(base))
+    model.load_adapter(tmp_path / "peft", load_as="p", set_active=True)
+    model.eval()
+    assert sorted(model.adapters["p"].site_keys) == sorted(
+        f"model.layers.1.{m}" for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    )
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            main_output(model(**inputs)), main_output(peft_model(**inputs)), atol=1e-5, rtol=1e-4
+        )

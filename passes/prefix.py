@@ -252,6 +252,11 @@ def _attach_eager(
     graph: fx.Graph, att: Attention, pk: fx.Node, pv: fx.Node, valid: fx.Node | None
 ) -> list[fx.Node]:
     scores, context = att.scores, att.context
+    if scores.target is aten.baddbmm.default:
+        raise ValueError(
+            f"prefix tuning cannot attach at {scores.name}: the scores add a bias inside the matmul "
+            "(BLOOM's ALiBi, baddbmm), which has no value for prefix positions that is not a guess"
+        )
     path = _on_path(scores, att.node)
     scaled, key = _scaled_key(att.k)
     with graph.inserting_before(scaled or scores):

@@ -398,7 +398,7 @@ def test_adapterhub_names_for_every_location():
     )
 
 
-def _vision(name: str, **options) -> tuple[nn.Module, dict]:
+def _matrix_model(name: str, **options) -> tuple[nn.Module, dict]:
     import dataclasses
 
     from architectures import ARCHS, inputs
@@ -413,7 +413,7 @@ def test_prompt_tuning_on_a_fixed_patch_sequence_lengthens_every_size():
     """ViT's sequence length is a number in the captured graph: the views and the all-visible mask
     follow ``S + P``, the class token stays first among the real positions (AdapterHub's cases check
     the values; here the shapes and the unchanged real-token path at init)."""
-    base, inputs = _vision("vit")
+    base, inputs = _matrix_model("vit")
     with torch.no_grad():
         plain = base.vit(**inputs).last_hidden_state
     model = fxadapt.AdaptedModel(base.vit)
@@ -433,8 +433,17 @@ def test_prompt_tuning_on_a_fixed_patch_sequence_lengthens_every_size():
     ],
 )
 def test_prompt_tuning_refuses_what_it_cannot_lengthen(name, options, message):
-    base, inputs = _vision(name, **options)
+    base, inputs = _matrix_model(name, **options)
     model = fxadapt.AdaptedModel(base)
     with pytest.raises(fxadapt.FxAdaptError, match=message):
         model.add_adapter("p", "prompt_tuning", set_active=True)
     assert "p" not in model.adapters and model.active_adapters is None
+
+
+def test_prefix_tuning_refuses_a_bias_inside_the_score_matmul():
+    """BLOOM adds ALiBi inside ``baddbmm``: a bias for the prefix positions would be a guess."""
+    base, _ = _matrix_model("bloom")
+    model = fxadapt.AdaptedModel(base)
+    with pytest.raises(fxadapt.FxAdaptError, match="ALiBi"):
+        model.add_adapter("p", "prefix_tuning", set_active=True)
+    assert "p" not in model.adapters

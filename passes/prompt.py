@@ -39,6 +39,7 @@ from torch import fx
 
 from .attention import attention_layers, find_attention
 from .compose import Leaf, Plan, cat_rows, graph_input, rows_of, split_rows
+from .fixed_length import check_fixed_length, fixed_sizes, has_length, lengthen_sizes
 from .sites import Site
 
 aten = torch.ops.aten
@@ -193,7 +194,7 @@ def insert_prompt(graph: fx.Graph, sites: list[Site], targets: dict[str, Any]) -
     fixed = None if symbol is not None else int(h.meta["val"].shape[1])  # S when it is not a symbol
     seq_nodes = _seq_symbol_nodes(graph, symbol) if fixed is None else []
     if fixed is not None:
-        _check_fixed_length(fixed, sites)
+        check_fixed_length(fixed, sites)
     entry = seq_nodes[0] if seq_nodes else [n for n in graph.nodes if n.op == "placeholder"][-1]
     inputs = {name: _placeholder(graph, name) for name in ("attention_mask", "labels")}
     # after Parallel's repeated inputs, and the batch size node a row split reads
@@ -359,7 +360,7 @@ def _rederive_lengths(
             if n not in seq_nodes and n.op == "call_function":
                 todo.extend(a for a in n.all_input_nodes if a not in depends)
         for n in sorted(found, key=index.__getitem__):  # inputs first (a node read twice, too)
-            if n in seq_nodes or (fixed is not None and _fixed_sizes(n, fixed)):
+            if n in seq_nodes or (fixed is not None and fixed_sizes(n, fixed)):
                 depends[n] = True
             elif n.op != "call_function" or n in downstream:
                 depends[n] = False
@@ -392,13 +393,13 @@ def _rederive_lengths(
             new = graph.node_copy(node, lambda a: copy(a) if uses_seq(a) else a)
             new.meta = dict(node.meta)
             if fixed is not None:
-                _lengthen_sizes(new, node, fixed, new_seq)
+                lengthen_sizes(new, node, fixed, new_seq)
             copies[node] = new
         return copies[node]
 
     for node in [n for n in graph.nodes if n in downstream]:
         if fixed is not None:
-            _lengthen_sizes(node, node, fixed, new_seq)
+            lengthen_sizes(node, node, fixed, new_seq)
         for arg in node.all_input_nodes:
             if arg in downstream or arg in copies.values():
                 continue
@@ -409,83 +410,11 @@ def _rederive_lengths(
                     )
                 with graph.inserting_before(node):
                     node.replace_input_with(arg, copy(arg))
-            elif node.op != "output" and (_has_symbol(arg, symbol) or _has_length(arg, fixed)):
+            elif node.op != "output" and (_has_symbol(arg, symbol) or has_length(arg, fixed)):
                 raise ValueError(
                     f"prompt tuning cannot lengthen {arg.format_node()}: it has the input's sequence length "
                     f"and {node.name} downstream of the prompt reads it"
                 )
-
-
-_SIZED = {
-    aten.view.default: 1,
-    aten.reshape.default: 1,
-    aten._unsafe_view.default: 1,
-    aten.expand.default: 1,
-    aten.new_zeros.default: 1,
-    aten.new_ones.default: 1,
-    aten.new_empty.default: 1,
-    aten.new_full.default: 1,
-    aten.zeros.default: 0,
-    aten.ones.default: 0,
-    aten.empty.memory_format: 0,
-    aten.full.default: 0,
-}
-
-
-def _fixed_sizes(node: fx.Node, length: int) -> list[int]:
-    """Where ``node``'s size argument holds the sequence length ``length`` (positions in its shape list;
-    ``[-1]`` for ``arange``'s end), judged by its output: a size that is ``length`` there too."""
-    if node.op != "call_function":
-        return []
-    if node.target is aten.arange.default:
-        return [-1] if node.args[0] == length else []
-    if node.target is aten.arange.start:
-        return [-1] if len(node.args) > 1 and node.args[1] == length and node.args[0] == 0 else []
-    if node.target not in _SIZED or len(node.args) <= _SIZED[node.target]:
-        return []
-    shape, out = node.args[_SIZED[node.target]], node.meta.get("val")
-    if not isinstance(shape, (list, tuple)) or not isinstance(out, torch.Tensor) or len(shape) != out.dim():
-        return []
-    return [
-        i
-        for i, d in enumerate(shape)
-        if isinstance(d, int) and not isinstance(d, bool) and d == length and out.shape[i] == length
-    ]
-
-
-def _lengthen_sizes(node: fx.Node, original: fx.Node, length: int, new_seq: fx.Node) -> None:
-    """Put ``new_seq`` where ``original``'s size arguments hold the sequence length."""
-    positions = _fixed_sizes(original, length)
-    if not positions:
-        return
-    args = list(node.args)
-    if positions == [-1]:
-        args[0 if node.target is aten.arange.default else 1] = new_seq
-    else:
-        k = _SIZED[node.target]
-        shape = list(args[k])
-        for i in positions:
-            shape[i] = new_seq
-        args[k] = shape
-    node.args = tuple(args)
-
-
-def _has_length(node: fx.Node, length: int | None) -> bool:
-    """A tensor with a dim of the fixed sequence length (which nothing re-derives)."""
-    val = node.meta.get("val")
-    if length is None or not isinstance(val, torch.Tensor):
-        return False
-    return any(isinstance(d, int) and d == length for d in val.shape)
-
-
-def _check_fixed_length(length: int, sites: list[Site]) -> None:
-    """A fixed sequence length is recognised by its value: refuse where another size has that value."""
-    widths = {w for s in sites for w in (s.in_features, s.out_features) if w}
-    if length in widths:
-        raise ValueError(
-            f"prompt tuning cannot lengthen a fixed sequence of {length} positions: a projection of the model "
-            f"has that width too, so the graph's sizes cannot be told apart"
-        )
 
 
 def _has_symbol(node: fx.Node, symbol) -> bool:

@@ -51,8 +51,13 @@ def fixed_sizes(node: fx.Node, length: int) -> list[int]:
         if isinstance(d, int) and not isinstance(d, bool) and d == length and out.shape[i] == length
     ]
     source = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-    splits = isinstance(source, torch.Tensor) and source.dim() < out.dim()
-    if len(found) > 1 and splits:  # [B, S, W] -> [B, S, heads, head_dim] with S equal to heads or head_dim
+    before = (
+        [i for i, d in enumerate(source.shape) if d == length] if isinstance(source, torch.Tensor) else []
+    )
+    # [B, S, W] -> [B, S, heads, head_dim] with S equal to heads or head_dim: which one is the sequence?
+    # ([S·S, H] -> [S, S, H], a table of position pairs, holds S twice and no doubt)
+    splits = isinstance(source, torch.Tensor) and source.dim() < out.dim() and bool(before)
+    if len(found) > len(before) and splits:
         raise ValueError(
             f"prompt tuning cannot lengthen a fixed sequence of {length} positions: {node.format_node()} "
             f"splits a dim into sizes that include {length} more than once, so the sequence cannot be told apart"

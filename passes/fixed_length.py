@@ -48,12 +48,11 @@ def fixed_sizes(node: fx.Node, length: int) -> list[int]:
     found = [
         i
         for i, d in enumerate(shape)
-        if isinstance(d, int) and not isinstance(d, bool) and d == length and out.shape[i] == length
+        if isinstance(d, int) and not isinstance(d, bool) and d == length and _is(out.shape[i], length)
     ]
     source = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-    before = (
-        [i for i, d in enumerate(source.shape) if d == length] if isinstance(source, torch.Tensor) else []
-    )
+    shape_in = source.shape if isinstance(source, torch.Tensor) else ()
+    before = [i for i, d in enumerate(shape_in) if _is(d, length)]
     # [B, S, W] -> [B, S, heads, head_dim] with S equal to heads or head_dim: which one is the sequence?
     # ([S·S, H] -> [S, S, H], a table of position pairs, holds S twice and no doubt)
     splits = isinstance(source, torch.Tensor) and source.dim() < out.dim() and bool(before)
@@ -98,3 +97,8 @@ def check_fixed_length(length: int, sites: list[Site]) -> None:
             f"prompt tuning cannot lengthen a fixed sequence of {length} positions: a projection of the model "
             f"has that width too, so the graph's sizes cannot be told apart"
         )
+
+
+def _is(size: object, length: int) -> bool:
+    """A recorded size that is the number ``length`` (a symbol is not, and gets no guard)."""
+    return isinstance(size, int) and size == length

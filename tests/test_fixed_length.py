@@ -13,21 +13,22 @@ aten = torch.ops.aten
 
 
 class Tiny(nn.Module):
-    """A fixed sequence of 5 positions, 4 wide, 2 heads of 2: view, mask from arange, reshape."""
+    """A fixed sequence of ``seq`` positions, 4 wide, 2 heads of 2: view, mask from arange, reshape."""
 
-    def __init__(self) -> None:
+    def __init__(self, seq: int) -> None:
         super().__init__()
+        self.seq = seq
         self.proj = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj(x).view(x.shape[0], 5, 2, 2)
-        keep = torch.arange(5) >= 0
-        return h.reshape(x.shape[0], 5, 4) * keep[None, :, None]
+        h = self.proj(x).view(x.shape[0], self.seq, 2, 2)
+        keep = torch.arange(self.seq) >= 0
+        return h.reshape(x.shape[0], self.seq, 4) * keep[None, :, None]
 
 
-def _module() -> torch.fx.GraphModule:
-    batch = torch.export.Dim("batch", min=2)
-    ep = torch.export.export(Tiny(), (torch.randn(2, 5, 4),), dynamic_shapes=({0: batch},))
+def _module(seq: int = 5) -> torch.fx.GraphModule:
+    batch = torch.export.Dim("batch", min=3)
+    ep = torch.export.export(Tiny(seq), (torch.randn(3, seq, 4),), dynamic_shapes=({0: batch},))
     return ep.module()
 
 
@@ -38,9 +39,9 @@ def test_sizes_at_sequence_positions_are_found_and_others_are_not():
     assert found[aten.reshape.default] == [1]
     assert found[aten.arange.default] == [-1]
     assert found[aten.linear.default] == []
-    view = next(n for n in graph.nodes if n.target is aten.view.default)
-    with pytest.raises(ValueError, match="cannot be told apart"):  # 2 heads of 2: which 2 is the sequence?
-        fixed_sizes(view, 2)
+    ambiguous = next(n for n in _module(seq=2).graph.nodes if n.target is aten.view.default)
+    with pytest.raises(ValueError, match="cannot be told apart"):  # 2 positions, 2 heads of 2
+        fixed_sizes(ambiguous, 2)
     proj = next(n for n in graph.nodes if n.target is aten.linear.default)
     assert has_length(proj, 5) and not has_length(proj, 3)
 

@@ -269,7 +269,8 @@ def _attach_eager(
         v = graph.call_function(cat_prefix, (att.v, pv))
     context.args = (context.args[0], v, *context.args[2:])
     added = [kt, v]
-    for user in [n for n in graph.nodes if n in _on_path(att.node, context) and n is not att.node]:
+    probs = _on_path(att.node, context)
+    for user in [n for n in graph.nodes if n in probs and n is not att.node]:
         if user.target in _RESHAPES:  # the probabilities' views on their way to the values
             added.append(_lengthen_reshape(graph, user))
     for user in [n for n in graph.nodes if n in path and n is not scores]:

@@ -42,7 +42,7 @@ def adapt(
     model: nn.Module,
     config: str | AdapterConfig = "lora",
     name: str | None = None,
-    compile: bool = True,
+    compile: bool | str = True,
     compile_options: dict[str, Any] | None = None,
     example_inputs: dict[str, Any] | None = None,
     site_roles: dict[str, Any] | None = None,

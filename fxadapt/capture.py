@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.utils._pytree import TreeSpec, tree_leaves
 
+from . import cache
 from .errors import CaptureError
 
 BASE = "base"
@@ -56,6 +57,8 @@ class Capture:
     # whether the graph's inputs already hold ``Parallel``'s ``channels·B`` rows (a decode step reads the
     # replicated cache; AdapterHub's ``adapter_input_parallelized``): the setup does not repeat them again
     parallelized: bool = False
+    # compile the graph as one even under regional compilation (generation marks its own static dims)
+    compile_whole: bool = False
 
 
 class _Bound(nn.Module):
@@ -164,7 +167,18 @@ def capture(model: nn.Module, kwargs: dict[str, Any], training: bool = True) -> 
     dims = {k: _dynamic_dims(k, t) for k, t in tensors.items()}
     stand_ins = {k: _stand_in(k, t, dims[k], seq2seq) for k, t in tensors.items()}
     shapes = {k: {d: Dim.DYNAMIC for d in dims[k]} for k in tensors}
+    key = cache.digest(
+        {
+            "model": cache.model_key(model),
+            "tensors": [(k, str(t.dtype), t.dim(), sorted(dims[k])) for k, t in sorted(tensors.items())],
+            "static": sorted((k, repr(v)) for k, v in static.items()),
+            "training": training,
+        }
+    )
     with EXPORT_LOCK:
+        ep = cache.load_program(key, model)
+        if ep is not None:
+            return _rebase(ep, model, by_name=True)
         was_training = model.training
         model.train(training)
         try:
@@ -180,7 +194,9 @@ def capture(model: nn.Module, kwargs: dict[str, Any], training: bool = True) -> 
             ) from exc
         finally:
             model.train(was_training)
-        return _rebase(ep, model)
+        captured = _rebase(ep, model)
+        cache.save_program(key, ep)
+        return captured
 
 
 def _inline_grad_regions(gm: fx.GraphModule) -> None:
@@ -222,21 +238,24 @@ def _inline_grad_regions(gm: fx.GraphModule) -> None:
             graph.erase_node(sub_node)
 
 
-def _owned(model: nn.Module, path: str, value: Any) -> bool:
+def _owned(model: nn.Module, path: str, value: Any, by_name: bool = False) -> bool:
     """Whether ``path`` names ``value`` in ``model`` itself (a parameter or buffer, not an export constant).
 
     A tensor created inside ``forward`` (GPT-Neo's masked bias, T5's shifted labels) becomes an export
-    constant named ``<module path>.lifted_tensor_N``: it lives only in the exported module.
+    constant named ``<module path>.lifted_tensor_N``: it lives only in the exported module. A program
+    loaded from the disk cache holds stand-ins for the weights: ``by_name`` matches them by name and shape.
     """
     obj: Any = model
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
             return False
+    if by_name and isinstance(obj, torch.Tensor) and isinstance(value, torch.Tensor):
+        return tuple(obj.shape) == tuple(value.shape) and obj.dtype == value.dtype
     return obj is value
 
 
-def _rebase(ep: torch.export.ExportedProgram, model: nn.Module) -> Capture:
+def _rebase(ep: torch.export.ExportedProgram, model: nn.Module, by_name: bool = False) -> Capture:
     """Turn the exported module's graph into a flat-I/O graph over ``base.*`` and ``consts.*``."""
     gm = ep.module()
     _inline_grad_regions(gm)
@@ -253,7 +272,7 @@ def _rebase(ep: torch.export.ExportedProgram, model: nn.Module) -> Capture:
         obj = gm
         for part in node.target.split("."):
             obj = getattr(obj, part)
-        if node.target.startswith("m.") and _owned(model, node.target[2:], obj):
+        if node.target.startswith("m.") and _owned(model, node.target[2:], obj, by_name):
             node.target = f"{BASE}.{node.target[2:]}"
             if node.name.startswith("m_"):
                 node._rename(node.name[2:])

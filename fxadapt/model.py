@@ -26,9 +26,10 @@ from passes.mode import eval_differs, to_eval
 from passes.retarget import retarget
 from passes.sites import SiteTable, find_sites, override_roles
 
-from . import generation, summary
+from . import cache, generation, summary
 from .adapter import Adapter, copies_of, saved_copies
 from .capture import BASE, CONSTS, EXPORT_LOCK, Capture, capture, example_inputs, split_inputs
+from .compiling import artefact_key, compile_graph, compile_mode
 from .compose.api import CompositionMixin
 from .compose.blocks import Split, Stack, parse_composition, setup_names
 from .compose.drop import Drop, keep_inputs, runner_skip
@@ -55,6 +56,7 @@ class _Runner:
     gm: fx.GraphModule
     input_names: tuple[str, ...]
     out_spec: TreeSpec
+    calls: int = 0
 
 
 def _signature(tensors: dict[str, torch.Tensor], static: dict[str, Any]) -> tuple:
@@ -87,7 +89,7 @@ class AdaptedModel(
         self,
         model: nn.Module,
         *,
-        compile: bool = False,
+        compile: bool | str = False,
         compile_options: dict[str, Any] | None = None,
         example_inputs: dict[str, Any] | None = None,
         site_roles: dict[str, str | tuple[str, ...]] | None = None,
@@ -107,8 +109,10 @@ class AdaptedModel(
         self.base = model
         self.adapters = nn.ModuleDict()
         self.consts = nn.Module()
-        self.compiled = compile
+        self._compile_mode = compile_mode(compile)
+        self.compiled = self._compile_mode is not None
         self._compile_options = dict(compile_options or {})
+        self._artefacts = artefact_key(model, self._compile_mode, self._compile_options)
         self._example = example_inputs
         self._site_roles = dict(site_roles or {})
         self._per_call = bool(per_call)
@@ -178,6 +182,10 @@ class AdaptedModel(
         see docs/composition.md)."""
         runner, inputs = self._dispatch(args, kwargs)
         out = runner.fn(*inputs)
+        if runner.calls < 2 and self._artefacts is not None:  # after a whole step: its backward compiled too
+            runner.calls += 1
+            if runner.calls == 2:
+                cache.save_compiled(self._artefacts)
         return tree_unflatten(list(out), runner.out_spec)
 
     @torch.compiler.disable
@@ -357,7 +365,7 @@ class AdaptedModel(
         gm = cleanup(fx.GraphModule(self, graph, class_name="AdaptedGraph"))
         if training:
             gm = self._checkpoint_graph(gm)
-        fn = torch.compile(gm, **{"dynamic": True, **self._compile_options}) if self.compiled else gm
+        fn = compile_graph(gm, self._compile_mode, self._compile_options, whole=cap.compile_whole)
         return _Runner(fn=self._wrap_runner(fn), gm=gm, input_names=input_names, out_spec=out_spec)
 
     # ---- adapters ------------------------------------------------------------------------------

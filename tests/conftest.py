@@ -22,6 +22,8 @@ from transformers import (
 from transformers.utils import logging
 
 logging.set_verbosity_error()
+# fxadapt's disk cache stays out of the tests (tests/test_disk_cache.py points it at a folder of its own)
+os.environ["FXADAPT_CACHE_DIR"] = "off"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: a worker's own threads would only contend
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -82,8 +84,9 @@ def clone():
     return copy.deepcopy
 
 
-def compiled_graph_count(arch: str, config, training: bool, setup=None) -> int:
-    """Graphs torch.compile makes of one call (and its backward) of an adapted model: 1 = no break.
+def compiled_graph_count(arch: str, config, training: bool, setup=None, mode="whole") -> int:
+    """Graphs torch.compile makes of one call (and its backward) of an adapted model: 1 = no break
+    when the whole graph compiles (``mode="whole"``); one per distinct layer shape when compiled by region.
 
     With ``setup`` (a composition block over adapters named ``a``, ``b``, ...), one adapter of
     ``config`` is added per name (and a fusion layer for a ``Fuse``) and the setup is trained.
@@ -98,10 +101,12 @@ def compiled_graph_count(arch: str, config, training: bool, setup=None) -> int:
 
     torch._dynamo.reset()
     if setup is None:
-        model = fxadapt.adapt(make(arch, head=True), config, compile_options={"backend": counting_backend})
+        model = fxadapt.adapt(
+            make(arch, head=True), config, compile=mode, compile_options={"backend": counting_backend}
+        )
     else:
         model = fxadapt.AdaptedModel(
-            make(arch, head=True), compile=True, compile_options={"backend": counting_backend}
+            make(arch, head=True), compile=mode, compile_options={"backend": counting_backend}
         )
         for name in setup.flatten():
             model.add_adapter(name, config)

@@ -139,7 +139,7 @@ def test_training_steps_with_new_skip_layers_compile_once():
         return gm.forward
 
     torch._dynamo.reset()
-    model = fxadapt.AdaptedModel(make("bert"), compile=True, compile_options={"backend": counting_backend})
+    model = fxadapt.AdaptedModel(make("bert"), compile="whole", compile_options={"backend": counting_backend})
     model.add_adapter("u", UNION)
     model.train_adapter("u")
     inputs = batch()

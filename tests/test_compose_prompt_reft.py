@@ -200,7 +200,7 @@ def test_a_parallel_of_prefix_prompt_and_reft_trains_in_one_compiled_graph():
         return gm.forward
 
     torch._dynamo.reset()
-    kw = dict(compile=True, compile_options={"backend": counting_backend})
+    kw = dict(compile="whole", compile_options={"backend": counting_backend})
     model = fxadapt.AdaptedModel(make("bert", head=True), **kw)
     model.add_adapter(
         "u", "prefix_tuning[prefix_length=3,bottleneck_size=8]|prompt_tuning[prompt_length=2]|loreft"

@@ -389,7 +389,7 @@ def test_heads_under_torch_compile_make_one_graph():
         return gm.forward
 
     torch._dynamo.reset()
-    model = fxadapt.AdaptedModel(make("bert"), compile=True, compile_options={"backend": backend})
+    model = fxadapt.AdaptedModel(make("bert"), compile="whole", compile_options={"backend": backend})
     model.add_adapter("a", "lora")
     model.add_classification_head("a", num_labels=2)
     model.train_adapter("a")

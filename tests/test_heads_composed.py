@@ -125,7 +125,7 @@ def test_parallel_heads_under_torch_compile_make_one_graph():
         return gm.forward
 
     torch._dynamo.reset()
-    model = fxadapt.AdaptedModel(make("bert"), compile=True, compile_options={"backend": backend})
+    model = fxadapt.AdaptedModel(make("bert"), compile="whole", compile_options={"backend": backend})
     for name, labels in (("a", 2), ("b", 3)):
         model.add_adapter(name, "lora")
         model.add_classification_head(name, num_labels=labels)

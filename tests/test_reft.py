@@ -261,7 +261,7 @@ def test_compiled_new_shapes_do_not_recompile_and_match_eager():
     base = make("bert")
     config = LoReftConfig(suffix_positions=2, dropout=0.0)
     eager = fxadapt.adapt(copy.deepcopy(base), config, compile=False).eval()
-    model = fxadapt.adapt(base, config, compile_options={"backend": counting_backend}).eval()
+    model = fxadapt.adapt(base, config, compile="whole", compile_options={"backend": counting_backend}).eval()
     model.adapters.load_state_dict(eager.adapters.state_dict())
     for b, s in [(2, 9), (3, 5), (4, 11)]:
         with torch.no_grad():

@@ -167,6 +167,7 @@ class Graphs:
         cap = capture_step(self.base, kind, tensors, layers)
         cap.select = _selector(kind, set(self.model.sites().by_key()))
         cap.parallelized = kind in PARALLELIZED
+        cap.compile_whole = True
         if kind == "decoder_decode":
             cap.cached_sites = self._cross_sites(cap)
         if kind == "prefill":

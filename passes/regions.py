@@ -10,9 +10,11 @@ modules: the compiler sees each distinct layer shape once. The nodes outside the
 heads, the glue between layers) stay in the top graph and run eagerly.
 
 Whether a layer's inputs carry gradients is part of its shape (the backward differs): BERT's first
-layer reads the frozen embeddings, so in training it is a shape of its own. A shape that only one
-layer has runs eagerly when other shapes are compiled: compiling it would cost as much start-up time
-as all the other layers together, for one layer's share of a step.
+layer reads the frozen embeddings. A layer that differs from a shared shape only in that runs the
+shared compiled code with those inputs made to require a gradient (``needs_grad``): the input
+gradient it computes and drops costs far less than compiling a second backward. Any other shape that
+only one layer has runs eagerly when other shapes are compiled: compiling it would cost as much
+start-up time as all the other layers together, for one layer's share of a step.
 """
 
 from __future__ import annotations
@@ -183,12 +185,32 @@ def _body(attrs: list[str], values: list[Any]) -> RegionBody:
     return body
 
 
+def needs_grad(x: Any) -> Any:
+    """``x`` as a leaf that requires a gradient while autograd records (unchanged otherwise)."""
+    if (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and not x.requires_grad
+        and torch.is_grad_enabled()
+    ):
+        return x.detach().requires_grad_()
+    return x
+
+
+def _widened(key: tuple, uses: dict[tuple, int]) -> tuple | None:
+    """A shared shape that differs from ``key`` only in more of its inputs needing a gradient."""
+    for other, n in uses.items():
+        if n > 1 and other[:3] == key[:3] and all(b or not a for a, b in zip(key[3], other[3])):
+            return other
+    return None
+
+
 def _replace(
-    graph: fx.Graph, run: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], name: str, meta: dict
+    graph: fx.Graph, run: list[fx.Node], args: list[fx.Node], outputs: list[fx.Node], name: str, meta: dict
 ) -> None:
     members = set(run)
     with graph.inserting_before(run[0]):
-        call = graph.call_module(name, tuple(inputs))
+        call = graph.call_module(name, tuple(args))
         call.meta["fxadapt"] = meta
         results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
     for out, value in zip(outputs, results):
@@ -216,9 +238,19 @@ def regionalize(
     for *_, key in found:
         uses[key] = uses.get(key, 0) + 1
     shared = any(n > 1 for n in uses.values())
+    promote = {key: _widened(key, uses) for key, n in uses.items() if n == 1}
     templates: dict[tuple, tuple[int, Callable[..., Any]]] = {}
     for count, (path, run, _, attrs, _, values, key) in enumerate(found):
         inputs, _, outputs = _boundary(run)  # afresh: an earlier region replaced this run's inputs
+        args = inputs
+        wider = promote.get(key)
+        if wider is not None:  # run the shared code, with the inputs it expects to need a gradient
+            raised = {i for i, (a, b) in enumerate(zip(key[3], wider[3])) if b and not a}
+            with graph.inserting_before(run[0]):
+                args = [
+                    graph.call_function(needs_grad, (x,)) if i in raised else x for i, x in enumerate(inputs)
+                ]
+            key = wider
         if key not in templates:
             function = _template(run, inputs, attrs, outputs, values)
             compiled = uses[key] > 1 or not shared
@@ -226,8 +258,8 @@ def regionalize(
         index, run_fn = templates[key]
         name = f"region_{count}"
         gm.add_submodule(name, Region(_body(attrs, values), run_fn, index))
-        _replace(graph, run, inputs, outputs, name, {"kind": "region", "layer": path, "shape": index})
+        _replace(graph, run, args, outputs, name, {"kind": "region", "layer": path, "shape": index})
     graph.eliminate_dead_code()
     gm.recompile()
-    compiled = sum(1 for key, n in uses.items() if n > 1 or not shared)
+    compiled = sum(1 for key, n in uses.items() if (n > 1 or not shared) and promote.get(key) is None)
     return RegionReport(regions=len(found), shapes=len(templates), compiled=compiled)

@@ -119,16 +119,28 @@ def test_one_compiled_graph_per_distinct_layer_shape():
     )
     for b, s in [(2, 9), (3, 5)]:
         model(**batch(b, s), labels=torch.zeros(b, dtype=torch.long)).loss.backward()
-    # four identical layers, but the first one's input needs no gradient (the embeddings are
-    # frozen), which makes another backward: that layer runs eagerly, the other three share one
-    # compiled graph, and new shapes do not recompile it
+    # four identical layers; the first one's input needs no gradient (the embeddings are frozen), so
+    # it runs the shared code with its input made to need one: one compiled graph for all four, and
+    # new shapes do not recompile it
     assert len(graphs) == 1
     report = next(r.fn for r in model._runners.values() if "labels" in r.input_names).meta["regions"]
-    assert (report.regions, report.shapes, report.compiled) == (4, 2, 1)
+    assert (report.regions, report.shapes, report.compiled) == (4, 1, 1)
     model.eval()
     with torch.no_grad():
         model(**batch())
     assert len(graphs) == 2  # the eval graph's layers: one more
+
+
+def test_the_first_layer_gets_the_same_gradients_through_the_shared_code():
+    base = _no_dropout("bert", 3)
+    eager = fxadapt.adapt(copy.deepcopy(base), LoRAConfig(init_weights="bert"), compile=False)
+    shared = fxadapt.adapt(base, LoRAConfig(init_weights="bert"), compile_options={"backend": "eager"})
+    shared.adapters.load_state_dict(eager.adapters.state_dict())
+    for m in (eager, shared):
+        m(**batch(), labels=torch.tensor([0, 1])).loss.backward()
+    for (k, pe), (_, ps) in zip(eager.adapters.named_parameters(), shared.adapters.named_parameters()):
+        torch.testing.assert_close(ps.grad, pe.grad, rtol=0, atol=1e-6, msg=k)
+    assert all(p.grad is None for p in shared.base.bert.embeddings.parameters())  # still frozen
 
 
 def test_layers_without_the_adapter_compile_separately():
@@ -138,7 +150,7 @@ def test_layers_without_the_adapter_compile_separately():
     model = fxadapt.adapt(base, LoRAConfig(leave_out=[1, 2]), compile_options={"backend": backend}).eval()
     with torch.no_grad():
         model(**batch())
-    assert len(graphs) == 2  # layers 1-2 (no adapter) and 3-4; layer 0 (frozen input) runs eagerly
+    assert len(graphs) == 2  # layers 1-2 (no adapter), and 0, 3 and 4 (with it)
 
 
 def test_the_inspectable_graph_keeps_its_adapter_nodes():

@@ -64,7 +64,7 @@ STARTUP_RUNS = (  # (label, variant, cache): "cold" gets an empty cache dir, "wa
     ("peft_compiled_warm", "peft_compiled", "warm"),
 )
 LABELS = {
-    "fx_compiled": "fxadapt compiled (regional, the default)",
+    "fx_compiled": "fxadapt compiled by region (compile=\"regional\")",
     "fx_whole": 'fxadapt compiled whole (compile="whole")',
     "fx_eager": "fxadapt eager",
     "peft_eager": "PEFT eager",
@@ -76,7 +76,7 @@ LABELS = {
     "plain_eager": "plain model eager",
     "plain_compiled": "plain model compiled",
 }
-FX_COMPILE = {"fx_compiled": True, "fx_whole": "whole", "fx_eager": False}
+FX_COMPILE = {"fx_compiled": "regional", "fx_whole": "whole", "fx_eager": False}
 MODEL_TITLES = {"bert": "BERT-base", "llama": "Llama 4L/512"}
 LORA_R, LORA_ALPHA = 8, 16
 

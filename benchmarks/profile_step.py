@@ -113,13 +113,14 @@ def analyse(prof: Any, steps: int) -> dict[str, Any]:
     return out
 
 
-def make_step(variant: str, name: str) -> tuple[Any, Any]:
+def make_step(variant: str, name: str, method: str) -> tuple[Any, Any]:
     import fxadapt
 
     spec = bl.model_spec(name, False)
     base = bl.build_base(name, False)
     batch = bl.make_batch(spec, base, torch.device("cpu"))
-    model = fxadapt.adapt(base, bl.fx_config(), compile=VARIANTS[variant])
+    config = bl.fx_config() if method == "lora" else method
+    model = fxadapt.adapt(base, config, compile=VARIANTS[variant])
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -135,8 +136,8 @@ def make_step(variant: str, name: str) -> tuple[Any, Any]:
     return step, model
 
 
-def run(name: str, variant: str, steps: int, warmup: int) -> dict[str, Any]:
-    step, _ = make_step(variant, name)
+def run(name: str, variant: str, steps: int, warmup: int, method: str) -> dict[str, Any]:
+    step, _ = make_step(variant, name, method)
     for _ in range(warmup):
         step()
     walls = []
@@ -197,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument(
+        "--method",
+        default="lora",
+        help="lora (bench_lora.py's LoRA) or an fxadapt method name with its defaults, e.g. prefix_tuning",
+    )
     args = p.parse_args(argv)
     bl.set_threads()
     torch._inductor.config.cpp.enable_kernel_profile = True
@@ -211,12 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     jobs = [(m, v) for m in args.models.split(",") for v in args.variants.split(",")]
     for name, variant in tqdm(jobs, desc="profiling", unit="variant"):
-        results["models"].setdefault(name, {})[variant] = run(name, variant, args.steps, args.warmup)
+        results["models"].setdefault(name, {})[variant] = run(
+            name, variant, args.steps, args.warmup, args.method
+        )
     results["machine"]["load_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile_step.json").write_text(json.dumps(results, indent=1))
-    (out / "profile_step.md").write_text(markdown(results))
+    stem = "profile_step" if args.method == "lora" else f"profile_step_{args.method}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 

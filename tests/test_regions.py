@@ -99,7 +99,7 @@ def test_regional_compilation_matches_the_whole_graph(arch):
     base = _no_dropout(arch, 3)
     cfg = LoRAConfig(r=4, alpha=8, init_weights="bert")
     whole = fxadapt.adapt(copy.deepcopy(base), cfg, compile="whole")
-    regional = fxadapt.adapt(base, cfg, compile=True)
+    regional = fxadapt.adapt(base, cfg, compile="regional")
     regional.adapters.load_state_dict(whole.adapters.state_dict())
     inputs = batch(3, 7)
     labels = inputs["input_ids"] if arch == "llama" else torch.tensor([0, 1, 1])
@@ -115,7 +115,10 @@ def test_one_compiled_graph_per_distinct_layer_shape():
     torch._dynamo.reset()
     graphs, backend = _counting()
     model = fxadapt.adapt(
-        make("bert", head=True, num_hidden_layers=4), "lora", compile_options={"backend": backend}
+        make("bert", head=True, num_hidden_layers=4),
+        "lora",
+        compile="regional",
+        compile_options={"backend": backend},
     )
     for b, s in [(2, 9), (3, 5)]:
         model(**batch(b, s), labels=torch.zeros(b, dtype=torch.long)).loss.backward()
@@ -134,7 +137,9 @@ def test_one_compiled_graph_per_distinct_layer_shape():
 def test_the_first_layer_gets_the_same_gradients_through_the_shared_code():
     base = _no_dropout("bert", 3)
     eager = fxadapt.adapt(copy.deepcopy(base), LoRAConfig(init_weights="bert"), compile=False)
-    shared = fxadapt.adapt(base, LoRAConfig(init_weights="bert"), compile_options={"backend": "eager"})
+    shared = fxadapt.adapt(
+        base, LoRAConfig(init_weights="bert"), compile="regional", compile_options={"backend": "eager"}
+    )
     shared.adapters.load_state_dict(eager.adapters.state_dict())
     for m in (eager, shared):
         m(**batch(), labels=torch.tensor([0, 1])).loss.backward()
@@ -147,14 +152,18 @@ def test_layers_without_the_adapter_compile_separately():
     torch._dynamo.reset()
     graphs, backend = _counting()
     base = make("bert", head=True, num_hidden_layers=5)
-    model = fxadapt.adapt(base, LoRAConfig(leave_out=[1, 2]), compile_options={"backend": backend}).eval()
+    model = fxadapt.adapt(
+        base, LoRAConfig(leave_out=[1, 2]), compile="regional", compile_options={"backend": backend}
+    ).eval()
     with torch.no_grad():
         model(**batch())
     assert len(graphs) == 2  # layers 1-2 (no adapter), and 0, 3 and 4 (with it)
 
 
 def test_the_inspectable_graph_keeps_its_adapter_nodes():
-    model = fxadapt.adapt(make("bert", head=True), "lora", compile_options={"backend": "eager"})
+    model = fxadapt.adapt(
+        make("bert", head=True), "lora", compile="regional", compile_options={"backend": "eager"}
+    )
     model(**batch(), labels=torch.tensor([0, 1])).loss.backward()
     gm = model.graph_for(**batch(), labels=torch.tensor([0, 1]))
     assert any(n.op == "call_module" and n.target.startswith("adapters.") for n in gm.graph.nodes)
@@ -164,3 +173,18 @@ def test_the_inspectable_graph_keeps_its_adapter_nodes():
 def test_an_unknown_compile_mode_is_refused():
     with pytest.raises(ConfigError, match="regional"):
         fxadapt.AdaptedModel(make("bert"), compile="fast")
+
+
+def test_compile_true_picks_regional_for_deep_models_and_whole_for_shallow_ones():
+    from fxadapt.compiling import REGIONAL_MIN_LAYERS
+
+    def regions(layers):
+        model = fxadapt.adapt(
+            make("bert", head=True, num_hidden_layers=layers), "lora", compile_options={"backend": "eager"}
+        )
+        model(**batch(), labels=torch.tensor([0, 1]))
+        fn = next(r.fn for r in model._runners.values() if "labels" in r.input_names)
+        return fn.meta["regions"].regions if isinstance(fn, torch.fx.GraphModule) else None
+
+    assert regions(REGIONAL_MIN_LAYERS) == REGIONAL_MIN_LAYERS
+    assert regions(REGIONAL_MIN_LAYERS - 1) is None  # compiled whole

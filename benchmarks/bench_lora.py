@@ -64,7 +64,7 @@ STARTUP_RUNS = (  # (label, variant, cache): "cold" gets an empty cache dir, "wa
     ("peft_compiled_warm", "peft_compiled", "warm"),
 )
 LABELS = {
-    "fx_compiled": "fxadapt compiled by region (compile=\"regional\")",
+    "fx_compiled": 'fxadapt compiled by region (compile="regional")',
     "fx_whole": 'fxadapt compiled whole (compile="whole")',
     "fx_eager": "fxadapt eager",
     "peft_eager": "PEFT eager",

@@ -71,11 +71,11 @@ def run(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def _plot_methods(plt: Any, out: Path) -> Path | None:
-    path = RESULTS / "bench_methods.json"
+def _plot_methods(plt: Any, out: Path, path: Path, name: str) -> Path | None:
     if not path.exists():
         return None
-    methods = json.loads(path.read_text())["methods"]
+    run = json.loads(path.read_text())
+    methods = run["methods"]
     names = [m for m, r in methods.items() if r.get("variants")]
     series = {"fx_compiled": "fxadapt compiled", "fx_eager": "fxadapt eager", "peft_eager": "PEFT eager"}
     fig, ax = plt.subplots(figsize=(11, 4.5))
@@ -87,15 +87,16 @@ def _plot_methods(plt: Any, out: Path) -> Path | None:
             if v and v.get("ratio_vs_floor"):
                 xs.append(j + i * width)
                 ys.append(v["ratio_vs_floor"])
-        ax.bar(xs, ys, width=width, label=label)
+        if ys:
+            ax.bar(xs, ys, width=width, label=label)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + width for j in range(len(names))], names, rotation=45, ha="right")
     ax.set_ylim(0.8, max(1.5, ax.get_ylim()[1]))
     ax.set_ylabel("training step / frozen floor")
-    ax.set_title("BERT-base training step per method (batch 8 x 128)")
+    ax.set_title(f"BERT-base training step per method (batch 8 x 128), {run['machine']['date'][:10]}")
     ax.legend()
     fig.tight_layout()
-    target = out / "step_time_per_method.png"
+    target = out / name
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
@@ -143,7 +144,15 @@ def plots() -> list[Path]:
 
     out = RESULTS / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    return [p for p in (_plot_methods(plt, out), _plot_startup(plt, out)) if p is not None]
+    made = [
+        _plot_methods(plt, out, RESULTS / "bench_methods.json", "step_time_per_method.png"),
+        # the 2026-12-02 run with regional compilation (bench_methods.py --out results/methods_regional)
+        _plot_methods(
+            plt, out, RESULTS / "methods_regional" / "bench_methods.json", "step_time_per_method_regional.png"
+        ),
+        _plot_startup(plt, out),
+    ]
+    return [p for p in made if p is not None]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,11 @@ versions of torch, transformers, Python and fxadapt. Compiled artefacts (inducto
 AOTAutograd graphs, ``torch.compiler.save_cache_artifacts``) are stored per model and compile mode.
 An entry that does not load or does not match the model is removed and rebuilt, never trusted.
 
+``torch.export.load`` and ``torch.compiler.load_cache_artifacts`` unpickle what they read, and
+inductor runs the kernels its cache holds, so the folder is trusted as inductor's own cache is: it is
+the user's, created readable by the user only (0700 folders, 0600 files); point
+``FXADAPT_CACHE_DIR`` at no folder that others can write.
+
 The folder is ``$FXADAPT_CACHE_DIR`` or ``~/.cache/fxadapt`` (``$XDG_CACHE_HOME/fxadapt``);
 ``FXADAPT_CACHE_DIR=off`` (or ``0``, or empty) turns the cache off.
 """
@@ -19,6 +24,7 @@ import logging
 import os
 import platform
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +85,8 @@ def digest(parts: Any) -> str:
 
 def _write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file in the same folder and rename it into place (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
@@ -142,7 +149,9 @@ def save_program(key: str, ep: torch.export.ExportedProgram) -> None:
         return
     ep._state_dict = _stand_ins(ep)
     try:
-        _write(root / "captures" / f"{key}.pt2", lambda tmp: torch.export.save(ep, tmp))
+        with warnings.catch_warnings():  # the one-element stand-ins are views by design
+            warnings.filterwarnings("ignore", message="No complete tensor found")
+            _write(root / "captures" / f"{key}.pt2", lambda tmp: torch.export.save(ep, tmp))
         stats["capture_saved"] += 1
     except Exception as exc:  # a read-only or full disk must not stop training
         log.warning("fxadapt cache: could not save a capture (%s: %s)", type(exc).__name__, exc)

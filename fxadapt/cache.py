@@ -79,6 +79,31 @@ def model_key(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def capture_key(model: nn.Module, call: dict[str, Any]) -> str | None:
+    """The disk-cache key of a capture of ``model`` for this call; None when the cache is off or the
+    model cannot be described (a config that does not serialise): then nothing is cached."""
+    if folder() is None:
+        return None
+    try:
+        return digest({"model": model_key(model), **call})
+    except Exception as exc:
+        log.warning(
+            "fxadapt cache: not caching captures of %s (%s: %s)",
+            type(model).__name__,
+            type(exc).__name__,
+            exc,
+        )
+        return None
+
+
+def discard_program(key: str, exc: BaseException) -> None:
+    """Drop the entry for ``key`` after it loaded but did not fit the call."""
+    root = folder()
+    if root is not None:
+        stats["capture_rebuilt"] += 1
+        _discard(root / "captures" / f"{key}.pt2", f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
 def digest(parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:32]
 

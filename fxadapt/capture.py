@@ -167,18 +167,19 @@ def capture(model: nn.Module, kwargs: dict[str, Any], training: bool = True) -> 
     dims = {k: _dynamic_dims(k, t) for k, t in tensors.items()}
     stand_ins = {k: _stand_in(k, t, dims[k], seq2seq) for k, t in tensors.items()}
     shapes = {k: {d: Dim.DYNAMIC for d in dims[k]} for k in tensors}
-    key = cache.digest(
-        {
-            "model": cache.model_key(model),
-            "tensors": [(k, str(t.dtype), t.dim(), sorted(dims[k])) for k, t in sorted(tensors.items())],
-            "static": sorted((k, repr(v)) for k, v in static.items()),
-            "training": training,
-        }
-    )
+    parts = {
+        "tensors": [(k, str(t.dtype), t.dim(), sorted(dims[k])) for k, t in sorted(tensors.items())],
+        "static": sorted((k, repr(v)) for k, v in static.items()),
+        "training": training,
+    }
+    key = cache.capture_key(model, parts)
     with EXPORT_LOCK:
-        ep = cache.load_program(key, model)
+        ep = cache.load_program(key, model) if key is not None else None
         if ep is not None:
-            return _rebase(ep, model, by_name=True)
+            try:
+                return _rebase(ep, model, by_name=True)
+            except Exception as exc:  # a program that loads but does not fit this call: rebuild it
+                cache.discard_program(key, exc)
         was_training = model.training
         model.train(training)
         try:
@@ -195,7 +196,8 @@ def capture(model: nn.Module, kwargs: dict[str, Any], training: bool = True) -> 
         finally:
             model.train(was_training)
         captured = _rebase(ep, model)
-        cache.save_program(key, ep)
+        if key is not None:
+            cache.save_program(key, ep)
         return captured
 
 

@@ -120,3 +120,13 @@ def test_compiled_artefacts_are_stored_after_a_step_and_loaded_by_the_next_model
     stored.write_bytes(b"not an artefact")
     fxadapt.adapt(_model(), LoRAConfig(), compile=True)  # a broken file is dropped, not trusted
     assert cache.stats["compiled_loaded"] == 1 and not stored.exists()
+
+
+def test_a_model_that_cannot_be_keyed_is_captured_without_the_cache(folder, monkeypatch):
+    def unserialisable(model):
+        raise TypeError("Object of type Thing is not JSON serializable")
+
+    monkeypatch.setattr(cache, "model_key", unserialisable)
+    model = _adapt(_model())
+    model(**batch(), labels=torch.tensor([0, 1]))
+    assert cache.stats["capture_saved"] == 0 and not (folder / "captures").exists()

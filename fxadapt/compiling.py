@@ -61,11 +61,9 @@ def compile_graph(gm: fx.GraphModule, mode: str | None, options: dict[str, Any],
 
 
 def artefact_key(model: nn.Module, mode: str | None, options: dict[str, Any]) -> str | None:
-    """The disk-cache key of this model's compiled artefacts (loaded now if stored), or None (eager, cache off)."""
+    """The disk-cache key of this model's compiled artefacts, or None (eager, or the cache is off)."""
     if mode is None or cache.folder() is None:
         return None
-    key = cache.digest(
+    return cache.digest(
         {"model": cache.model_key(model), "mode": mode, "options": repr(sorted(options.items()))}
     )
-    cache.load_compiled(key)
-    return key

@@ -113,6 +113,8 @@ class AdaptedModel(
         self.compiled = self._compile_mode is not None
         self._compile_options = dict(compile_options or {})
         self._artefacts = artefact_key(model, self._compile_mode, self._compile_options)
+        if self._artefacts is not None:  # what an earlier process compiled for this model, if stored
+            cache.load_compiled(self._artefacts)
         self._example = example_inputs
         self._site_roles = dict(site_roles or {})
         self._per_call = bool(per_call)

@@ -10,6 +10,12 @@ layers and whole below that: with few layers regional compilation saves little s
 BERT-base it halves the cold start (30 s against 78 s) at 0.9% of a step (docs/performance.md).
 Graphs whose layers were moved into checkpointed sub-graphs, and generation's graphs (which mark
 their own static dims), always compile whole.
+
+On CPU inductor is told to draw random numbers (dropout masks) with ATen's generator
+(``fallback_random``) instead of its own per-element generator inside the fused kernels: on BERT-base
+training that is 5% of a step (docs/performance.md), and compiled dropout then draws the same masks as
+eager for the same seed. On CUDA inductor's own generator is the fast one and is kept. A user's
+``compile_options`` override both defaults.
 """
 
 from __future__ import annotations
@@ -45,11 +51,29 @@ def compile_mode(value: Any) -> str | None:
     )
 
 
+def effective_options(options: dict[str, Any], device: torch.device | None) -> dict[str, Any]:
+    """``torch.compile``'s keyword arguments: the user's, over fxadapt's defaults for ``device``."""
+    out = {"dynamic": True, **options}
+    inductor = out.get("backend", "inductor") == "inductor"
+    if device is not None and device.type == "cpu" and inductor and out.get("mode") is None:
+        out["options"] = {"fallback_random": True, **(out.get("options") or {})}
+    return out
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer (None when it holds no tensor)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
 def compile_graph(gm: fx.GraphModule, mode: str | None, options: dict[str, Any], whole: bool = False) -> Any:
     """The callable that runs ``gm``: itself (eager), a copy with its layers compiled, or ``gm`` compiled."""
     if mode is None:
         return gm
-    options = {"dynamic": True, **options}
+    options = effective_options(options, module_device(gm))
     checkpointed = any((n.meta.get("fxadapt") or {}).get("kind") == "checkpoint" for n in gm.graph.nodes)
     if mode == "auto":
         mode = "regional" if len(layer_runs(gm.graph)) >= REGIONAL_MIN_LAYERS else "whole"
@@ -65,5 +89,9 @@ def artefact_key(model: nn.Module, mode: str | None, options: dict[str, Any]) ->
     if mode is None or cache.folder() is None:
         return None
     return cache.digest(
-        {"model": cache.model_key(model), "mode": mode, "options": repr(sorted(options.items()))}
+        {
+            "model": cache.model_key(model),
+            "mode": mode,
+            "options": repr(sorted(effective_options(options, module_device(model)).items())),
+        }
     )

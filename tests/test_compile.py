@@ -66,3 +66,47 @@ def test_inductor_training_step_matches_eager():
     out_c.loss.backward()
     for (k, pe), (_, pc) in zip(eager.adapters.named_parameters(), compiled.adapters.named_parameters()):
         torch.testing.assert_close(pc.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_compiled_dropout_on_cpu_draws_eager_masks():
+    """On CPU inductor draws dropout masks with ATen's generator, so a seeded training-mode call gives
+    eager's numbers, gradients included; with inductor's own generator (the user's override) it does not."""
+    torch._dynamo.reset()
+    base = make("bert", head=True, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    cfg = LoRAConfig(r=4, alpha=16, dropout=0.2, init_weights="bert")
+    inputs, labels = batch(), torch.tensor([0, 1])
+    models = {
+        "eager": fxadapt.adapt(copy.deepcopy(base), cfg, compile=False),
+        "compiled": fxadapt.adapt(copy.deepcopy(base), cfg, compile="whole"),
+        "own_rng": fxadapt.adapt(
+            base, cfg, compile="whole", compile_options={"options": {"fallback_random": False}}
+        ),
+    }
+    outs = {}
+    for name, m in models.items():
+        if name != "eager":
+            m.adapters.load_state_dict(models["eager"].adapters.state_dict())
+        m.train()
+        torch.manual_seed(7)
+        outs[name] = m(**inputs, labels=labels)
+        outs[name].loss.backward()
+    torch.testing.assert_close(outs["compiled"].logits, outs["eager"].logits, atol=1e-6, rtol=1e-5)
+    grads = {n: dict(m.adapters.named_parameters()) for n, m in models.items()}
+    for k, p in grads["eager"].items():
+        torch.testing.assert_close(grads["compiled"][k].grad, p.grad, atol=1e-6, rtol=1e-5, msg=k)
+    assert (outs["own_rng"].logits - outs["eager"].logits).abs().max() > 1e-4
+
+
+def test_compile_defaults_by_device_and_user_override():
+    from fxadapt.compiling import effective_options
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert effective_options({}, cpu) == {"dynamic": True, "options": {"fallback_random": True}}
+    assert effective_options({}, cuda) == {"dynamic": True}
+    assert effective_options({"dynamic": False, "options": {"fallback_random": False, "x": 1}}, cpu) == {
+        "dynamic": False,
+        "options": {"fallback_random": False, "x": 1},
+    }
+    # torch.compile takes either mode or options; another backend gets no inductor options
+    assert effective_options({"mode": "max-autotune"}, cpu) == {"dynamic": True, "mode": "max-autotune"}
+    assert "options" not in effective_options({"backend": "aot_eager"}, cpu)

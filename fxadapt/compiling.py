@@ -4,10 +4,12 @@
 layer of that shape (``passes.regions``), so a cold start compiles a fraction of the model while a
 step runs the same kernels; what lies outside the layers (embeddings, head, loss) runs eagerly.
 ``compile="whole"`` compiles the whole graph as one (inductor may then fuse the loss, and across
-layer boundaries). ``compile=True`` picks regional for a model of at least ``REGIONAL_MIN_LAYERS``
-layers and whole below that: with few layers regional compilation saves little start-up time
-(Llama 4L/512: 24 s against 35 s) and the eager loss costs more of a step (7% there), while on
-BERT-base it halves the cold start (30 s against 78 s) at 0.9% of a step (docs/performance.md).
+layer boundaries). ``compile=True`` picks, for the device the model is on, the mode whose training
+step measured faster: on CPU the whole graph (BERT-base: 0.95x the eager step, regional 1.00x; Llama
+4L/512: 0.90x and 0.96x, docs/performance.md), at twice regional's cold start; elsewhere regional
+compilation for a model of at least ``REGIONAL_MIN_LAYERS`` layers and whole below that, PyTorch's
+recipe for start-up time (with few layers regional compilation saves little and the eager loss weighs
+more).
 Graphs whose layers were moved into checkpointed sub-graphs, and generation's graphs (which mark
 their own static dims), always compile whole.
 
@@ -45,8 +47,9 @@ def compile_mode(value: Any) -> str | None:
     if isinstance(value, str) and value in MODES:
         return value
     raise ConfigError(
-        f"compile={value!r} is not a compile mode: pass True (regional compilation for models of "
-        f"{REGIONAL_MIN_LAYERS} layers or more, the whole graph below that), False (eager), or one of "
+        f"compile={value!r} is not a compile mode: pass True (the whole graph on CPU; elsewhere regional "
+        f"compilation for models of {REGIONAL_MIN_LAYERS} layers or more, the whole graph below that), "
+        f"False (eager), or one of "
         f"{', '.join(repr(m) for m in MODES)}"
     )
 
@@ -69,6 +72,13 @@ def module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
+def auto_mode(layers: int, device: torch.device | None) -> str:
+    """What ``compile=True`` means for a graph of ``layers`` layers on ``device``."""
+    if device is not None and device.type == "cpu":
+        return "whole"
+    return "regional" if layers >= REGIONAL_MIN_LAYERS else "whole"
+
+
 def compile_graph(gm: fx.GraphModule, mode: str | None, options: dict[str, Any], whole: bool = False) -> Any:
     """The callable that runs ``gm``: itself (eager), a copy with its layers compiled, or ``gm`` compiled."""
     if mode is None:
@@ -76,7 +86,7 @@ def compile_graph(gm: fx.GraphModule, mode: str | None, options: dict[str, Any],
     options = effective_options(options, module_device(gm))
     checkpointed = any((n.meta.get("fxadapt") or {}).get("kind") == "checkpoint" for n in gm.graph.nodes)
     if mode == "auto":
-        mode = "regional" if len(layer_runs(gm.graph)) >= REGIONAL_MIN_LAYERS else "whole"
+        mode = auto_mode(len(layer_runs(gm.graph)), module_device(gm))
     if mode == "whole" or whole or checkpointed:
         return torch.compile(gm, **options)
     regional = fx.GraphModule(gm, clone(gm.graph), class_name="RegionalGraph")  # gm stays inspectable

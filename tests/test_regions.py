@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -175,8 +176,13 @@ def test_an_unknown_compile_mode_is_refused():
         fxadapt.AdaptedModel(make("bert"), compile="fast")
 
 
-def test_compile_true_picks_regional_for_deep_models_and_whole_for_shallow_ones():
-    from fxadapt.compiling import REGIONAL_MIN_LAYERS
+def test_compile_true_picks_whole_on_cpu_and_elsewhere_regional_for_deep_models():
+    from fxadapt.compiling import REGIONAL_MIN_LAYERS, auto_mode
+
+    cuda = torch.device("cuda")
+    assert auto_mode(REGIONAL_MIN_LAYERS, cuda) == "regional"
+    assert auto_mode(REGIONAL_MIN_LAYERS - 1, cuda) == "whole"
+    assert auto_mode(REGIONAL_MIN_LAYERS, torch.device("cpu")) == "whole"
 
     def regions(layers):
         model = fxadapt.adapt(
@@ -186,5 +192,7 @@ def test_compile_true_picks_regional_for_deep_models_and_whole_for_shallow_ones(
         fn = next(r.fn for r in model._runners.values() if "labels" in r.input_names)
         return fn.meta["regions"].regions if isinstance(fn, torch.fx.GraphModule) else None
 
-    assert regions(REGIONAL_MIN_LAYERS) == REGIONAL_MIN_LAYERS
-    assert regions(REGIONAL_MIN_LAYERS - 1) is None  # compiled whole
+    assert regions(REGIONAL_MIN_LAYERS) is None  # a CPU model compiles whole
+    with patch("fxadapt.compiling.module_device", return_value=cuda):
+        assert regions(REGIONAL_MIN_LAYERS) == REGIONAL_MIN_LAYERS
+        assert regions(REGIONAL_MIN_LAYERS - 1) is None

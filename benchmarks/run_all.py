@@ -150,6 +150,10 @@ def plots() -> list[Path]:
         _plot_methods(
             plt, out, RESULTS / "methods_regional" / "bench_methods.json", "step_time_per_method_regional.png"
         ),
+        # the same with compile=True compiling the whole graph on CPU (--out results/methods_whole)
+        _plot_methods(
+            plt, out, RESULTS / "methods_whole" / "bench_methods.json", "step_time_per_method_whole.png"
+        ),
         _plot_startup(plt, out),
     ]
     return [p for p in made if p is not None]

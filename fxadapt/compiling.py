@@ -54,6 +54,23 @@ def compile_mode(value: Any) -> str | None:
     )
 
 
+def check_options(options: Any) -> dict[str, Any]:
+    """The user's ``compile_options`` as a dict, refused before anything is built if malformed."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ConfigError(
+            f"compile_options must be a dict of torch.compile arguments, got {type(options).__name__}"
+        )
+    user = options.get("options")
+    if user is not None and not isinstance(user, dict):
+        raise ConfigError(
+            f"compile_options['options'] must be a dict of inductor settings (torch.compile's options=), "
+            f"got {type(user).__name__}"
+        )
+    return dict(options)
+
+
 def effective_options(options: dict[str, Any], device: torch.device | None) -> dict[str, Any]:
     """``torch.compile``'s keyword arguments: the user's, over fxadapt's defaults for ``device``."""
     out = {"dynamic": True, **options}

@@ -110,3 +110,10 @@ def test_compile_defaults_by_device_and_user_override():
     # torch.compile takes either mode or options; another backend gets no inductor options
     assert effective_options({"mode": "max-autotune"}, cpu) == {"dynamic": True, "mode": "max-autotune"}
     assert "options" not in effective_options({"backend": "aot_eager"}, cpu)
+
+
+def test_compile_options_with_a_non_dict_options_entry_are_refused():
+    from fxadapt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dict of inductor settings"):
+        fxadapt.adapt(make("bert"), "lora", compile="whole", compile_options={"options": ["fallback_random"]})

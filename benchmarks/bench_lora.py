@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -306,16 +307,22 @@ def interleaved(
             warm[k].append(time.perf_counter() - t0)
     raw: dict[str, list[float]] = {k: [] for k in steps}
     cpu: dict[str, list[float]] = {k: [] for k in steps}  # process CPU time (all threads) per step
+    faults: dict[str, list[int]] = {k: [] for k in steps}  # minor page faults (fresh memory) per step
     for _ in tqdm(range(n_steps), desc=f"{desc} timed", unit="round", leave=False):
         for k, fn in steps.items():
             sync(device)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             sync(device)
             raw[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     cpu_ok = device.type == "cpu"
-    return {k: {"warmup_s": warm[k], "raw_s": raw[k], "cpu_s": cpu[k] if cpu_ok else None} for k in steps}
+    return {
+        k: {"warmup_s": warm[k], "raw_s": raw[k], "cpu_s": cpu[k] if cpu_ok else None, "minflt": faults[k]}
+        for k in steps
+    }
 
 
 def run_train(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -364,6 +371,22 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def keep_freed_memory() -> str:
+    """Make glibc keep the memory a step frees for the next step instead of returning it to the OS.
+
+    By default glibc returns freed memory at the top of its heaps (and every block above its mmap
+    threshold) to the kernel, so the next step's tensors fault in fresh zeroed pages; a step that frees
+    memory in many small rounds (regional compilation, eager) pays more of that than one compiled
+    graph that reuses its buffers. Returns what was set, for the record.
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    settings = {m_trim_threshold: 2**31 - 1, m_top_pad: 2**29, m_mmap_threshold: 2**25}
+    if not all(libc.mallopt(k, v) for k, v in settings.items()):
+        raise SystemExit("--keep-freed-memory: glibc's mallopt refused a setting")
+    return "glibc keeps freed memory (mallopt: trim threshold 2 GiB, top pad 512 MiB, mmap threshold 32 MiB)"
 
 
 def _malloc_trim() -> None:
@@ -533,6 +556,8 @@ def derive(results: dict[str, Any]) -> None:
         for section in ("train", "eval"):
             for v in r.get(section, {}).values():
                 v.update(summarize(v["raw_s"], v.get("cpu_s")))
+                if v.get("minflt"):
+                    v["median_minflt"] = statistics.median(v["minflt"])
         tr = r.get("train", {})
         for ref in ("floor", "floor_compiled"):
             if ref in tr:
@@ -729,6 +754,23 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     table("train", TRAIN_VARIANTS, "ratio_vs_floor", "x floor")
+    faults = {
+        v: [results["models"][m].get("train", {}).get(v, {}).get("median_minflt") for m in models]
+        for v in TRAIN_VARIANTS
+    }
+    if any(x is not None for row in faults.values() for x in row):
+        lines += [
+            f"Minor page faults per training step (median; allocator: {info.get('allocator', 'glibc defaults')}):",
+            "",
+            "| Variant | " + " | ".join(titles) + " |",
+            "|---" * (1 + len(models)) + "|",
+        ]
+        for v, row in faults.items():
+            if any(x is not None for x in row):
+                lines.append(
+                    f"| {LABELS[v]} | " + " | ".join("n/a" if x is None else f"{x:.0f}" for x in row) + " |"
+                )
+        lines.append("")
     lines += ["## Eval forward (no_grad, eval mode), median", ""]
     table("eval", EVAL_VARIANTS, "ratio_vs_plain_compiled", "x plain compiled")
 
@@ -857,6 +899,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="JSON",
         help="only rewrite the markdown (and derived figures) from a results JSON",
     )
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="train/eval sections: glibc keeps freed memory for the next step (no page faults); "
+        "see docs/performance.md",
+    )
     p.add_argument("--worker", choices=["memory", "startup"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -905,6 +953,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = pick_device(args.device)
+    allocator = keep_freed_memory() if args.keep_freed_memory else "glibc defaults"
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     for m in models:
@@ -915,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = tempfile.mkdtemp(prefix="bench-inductor-run-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     results: dict[str, Any] = {
-        "machine": machine_info(device),
+        "machine": {**machine_info(device), "allocator": allocator},
         "args": {k: v for k, v in vars(args).items() if k not in ("worker", "model", "variant", "result")},
         "models": {m: {} for m in models},
     }

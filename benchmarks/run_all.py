@@ -4,10 +4,13 @@ Each benchmark runs in its own process with the machine to itself: before each o
 (up to ``--wait`` seconds) for the 1-minute load average to fall below ``--quiet-load``, and records
 the load average before and after it. The record (commands, times, load averages, exit codes) goes to
 ``results/run_all.json``; the plots (step time per method, time to the first step cold and warm) to
-``results/plots/``. ``--plots-only`` redraws the plots from the results already on disk.
+``results/plots/``. ``--plots-only`` redraws the plots from the results already on disk. ``--quick``
+(tiny models, a few minutes) checks that every benchmark and plot still runs; it writes to a scratch
+folder (``--out``), never over the published results.
 
     python benchmarks/run_all.py                  # everything (several hours on a 2-core CPU)
     python benchmarks/run_all.py --only lora,profile
+    python benchmarks/run_all.py --quick          # smoke run into a temporary folder
     python benchmarks/run_all.py --plots-only
 """
 
@@ -19,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,13 +50,22 @@ def wait_quiet(limit: float, wait: float) -> tuple[float, float]:
     return time.monotonic() - t0, os.getloadavg()[0]
 
 
-def run(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def command(name: str, quick: bool, out: Path) -> list[str]:
+    """The command line of benchmark ``name`` writing into ``out`` (small sizes with ``quick``)."""
+    if name == "checkpointing":
+        small = ["--batch", "2", "--length", "64", "--steps", "1"] if quick else []
+        return BENCHMARKS[name] + small + ["--out", str(out / "bench_checkpointing.json")]
+    if name == "profile":
+        small = ["--models", "llama", "--steps", "1", "--warmup", "1"] if quick else []
+        return BENCHMARKS[name] + small + ["--out", str(out)]
+    return BENCHMARKS[name] + (["--quick"] if quick else []) + ["--out", str(out)]
+
+
+def run(names: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     record: dict[str, Any] = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "runs": {}}
     for name in names:
         waited, load = wait_quiet(args.quiet_load, args.wait)
-        cmd = BENCHMARKS[name] + (
-            ["--quick"] if args.quick and name not in ("profile", "checkpointing") else []
-        )
+        cmd = command(name, args.quick, out)
         print(
             f"[run_all] {name}: {' '.join(cmd[1:])} (load {load:.2f} after waiting {waited:.0f} s)",
             flush=True,
@@ -102,8 +115,8 @@ def _plot_methods(plt: Any, out: Path, path: Path, name: str) -> Path | None:
     return target
 
 
-def _plot_startup(plt: Any, out: Path) -> Path | None:
-    path = RESULTS / "bench_lora.json"
+def _plot_startup(plt: Any, out: Path, results: Path) -> Path | None:
+    path = results / "bench_lora.json"
     if not path.exists():
         return None
     models = json.loads(path.read_text())["models"]
@@ -136,25 +149,26 @@ def _plot_startup(plt: Any, out: Path) -> Path | None:
     return target
 
 
-def plots() -> list[Path]:
+def plots(results: Path = RESULTS) -> list[Path]:
+    """Draw every plot from the results in ``results`` into ``results/plots``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = RESULTS / "plots"
+    out = results / "plots"
     out.mkdir(parents=True, exist_ok=True)
     made = [
-        _plot_methods(plt, out, RESULTS / "bench_methods.json", "step_time_per_method.png"),
+        _plot_methods(plt, out, results / "bench_methods.json", "step_time_per_method.png"),
         # the 2026-12-02 run with regional compilation (bench_methods.py --out results/methods_regional)
         _plot_methods(
-            plt, out, RESULTS / "methods_regional" / "bench_methods.json", "step_time_per_method_regional.png"
+            plt, out, results / "methods_regional" / "bench_methods.json", "step_time_per_method_regional.png"
         ),
         # the same with compile=True compiling the whole graph on CPU (--out results/methods_whole)
         _plot_methods(
-            plt, out, RESULTS / "methods_whole" / "bench_methods.json", "step_time_per_method_whole.png"
+            plt, out, results / "methods_whole" / "bench_methods.json", "step_time_per_method_whole.png"
         ),
-        _plot_startup(plt, out),
+        _plot_startup(plt, out, results),
     ]
     return [p for p in made if p is not None]
 
@@ -169,20 +183,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--wait", type=float, default=600, help="longest wait for a quiet machine per benchmark (s)"
     )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default benchmarks/results; with --quick a new temporary folder)",
+    )
     p.add_argument("--plots-only", action="store_true")
     args = p.parse_args(argv)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="fxadapt-run-all-quick-")) if args.quick else RESULTS)
     failed = 0
     if not args.plots_only:
         names = [n for n in args.only.split(",") if n]
         unknown = sorted(set(names) - set(BENCHMARKS))
         if unknown:
             p.error(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")
-        record = run(names, args)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "run_all.json").write_text(json.dumps(record, indent=1))
+        out.mkdir(parents=True, exist_ok=True)
+        record = run(names, args, out)
+        (out / "run_all.json").write_text(json.dumps(record, indent=1))
         failed = sum(1 for r in record["runs"].values() if r["exit_code"] != 0)
-    for path in plots():
-        print(f"[run_all] plot: {path.relative_to(HERE.parent)}")
+        for name, r in record["runs"].items():
+            print(f"[run_all] {name}: exit {r['exit_code']} after {r['seconds']:.0f} s")
+    for path in plots(out):
+        print(f"[run_all] plot: {path}")
+    print(f"[run_all] results in {out}")
     return 1 if failed else 0
 
 

@@ -67,6 +67,11 @@ def main(out: str, batch: int) -> None:
         f"rank {rank} world {trainer.args.world_size} losses",
         [h.get("loss") for h in trainer.state.log_history],
     )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # tear gloo down explicitly: left to interpreter exit, a rank can abort ("terminate called
+        # without an active exception") while the other still holds the connection
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

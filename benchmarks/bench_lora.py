@@ -381,7 +381,12 @@ def keep_freed_memory() -> str:
     memory in many small rounds (regional compilation, eager) pays more of that than one compiled
     graph that reuses its buffers. Returns what was set, for the record.
     """
-    libc = ctypes.CDLL("libc.so.6")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as exc:
+        raise SystemExit(
+            f"--keep-freed-memory needs glibc (libc.so.6 did not load: {exc}); drop the flag"
+        ) from exc
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     settings = {m_trim_threshold: 2**31 - 1, m_top_pad: 2**29, m_mmap_threshold: 2**25}
     if not all(libc.mallopt(k, v) for k, v in settings.items()):

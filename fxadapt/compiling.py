@@ -22,6 +22,7 @@ eager for the same seed. On CUDA inductor's own generator is the fast one and is
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from .errors import ConfigError
 
 MODES = ("auto", "regional", "whole")
 REGIONAL_MIN_LAYERS = 8
+_isa_probe: threading.Thread | None = None
 
 
 def compile_mode(value: Any) -> str | None:
@@ -96,10 +98,52 @@ def auto_mode(layers: int, device: torch.device | None) -> str:
     return "regional" if layers >= REGIONAL_MIN_LAYERS else "whole"
 
 
+def start_isa_probe(mode: str | None, options: dict[str, Any], device: torch.device | None) -> None:
+    """Run inductor's CPU vector-ISA check in the background while the model is captured or loaded.
+
+    Before its first CPU kernel, every process builds (once, then from inductor's cache) and loads a
+    small library per instruction set in a child Python: six children, 0.85 s on a 2-core CPU even
+    when every kernel comes from the cache (docs/performance.md). Its result is cached for the
+    process, so computing it on a thread that mostly waits on the children takes it off the first
+    step; ``compile_graph`` waits for the thread, so it never runs twice.
+    """
+    global _isa_probe
+    backend = options.get("backend", "inductor")
+    if (
+        _isa_probe is not None
+        or mode is None
+        or backend != "inductor"
+        or device is None
+        or device.type != "cpu"
+    ):
+        return
+    try:  # imported here, not on the thread: two threads importing the same modules can deadlock
+        import torch._inductor.codecache  # noqa: F401
+        import torch._inductor.cpp_builder  # noqa: F401
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+    except ImportError:  # another torch: inductor does the check itself at the first compile
+        return
+
+    def probe() -> None:
+        try:
+            valid_vec_isa_list()
+        except Exception:  # not cached then: inductor repeats the check and reports it itself
+            return
+
+    _isa_probe = threading.Thread(target=probe, name="fxadapt-isa-probe", daemon=True)
+    _isa_probe.start()
+
+
+def _wait_for_isa_probe() -> None:
+    if _isa_probe is not None:
+        _isa_probe.join()
+
+
 def compile_graph(gm: fx.GraphModule, mode: str | None, options: dict[str, Any], whole: bool = False) -> Any:
     """The callable that runs ``gm``: itself (eager), a copy with its layers compiled, or ``gm`` compiled."""
     if mode is None:
         return gm
+    _wait_for_isa_probe()
     options = effective_options(options, module_device(gm))
     checkpointed = any((n.meta.get("fxadapt") or {}).get("kind") == "checkpoint" for n in gm.graph.nodes)
     if mode == "auto":

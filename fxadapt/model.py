@@ -29,7 +29,14 @@ from passes.sites import SiteTable, find_sites, override_roles
 from . import cache, generation, summary
 from .adapter import Adapter, copies_of, saved_copies
 from .capture import BASE, CONSTS, EXPORT_LOCK, Capture, capture, example_inputs, split_inputs
-from .compiling import artefact_key, check_options, compile_graph, compile_mode
+from .compiling import (
+    artefact_key,
+    check_options,
+    compile_graph,
+    compile_mode,
+    module_device,
+    start_isa_probe,
+)
 from .compose.api import CompositionMixin
 from .compose.blocks import Split, Stack, parse_composition, setup_names
 from .compose.drop import Drop, keep_inputs, runner_skip
@@ -113,6 +120,7 @@ class AdaptedModel(
         self.compiled = self._compile_mode is not None
         self._compile_options = check_options(compile_options)
         self._artefacts = artefact_key(model, self._compile_mode, self._compile_options)
+        start_isa_probe(self._compile_mode, self._compile_options, module_device(model))
         if self._artefacts is not None:  # what an earlier process compiled for this model, if stored
             cache.load_compiled(self._artefacts)
         self._example = example_inputs

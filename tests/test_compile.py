@@ -117,3 +117,33 @@ def test_compile_options_with_a_non_dict_options_entry_are_refused():
 
     with pytest.raises(ConfigError, match="dict of inductor settings"):
         fxadapt.adapt(make("bert"), "lora", compile="whole", compile_options={"options": ["fallback_random"]})
+
+
+def test_inductors_cpu_isa_check_runs_once_on_a_thread_before_the_first_compile(monkeypatch):
+    import threading
+    import time
+
+    import torch._inductor.cpu_vec_isa as vec_isa
+
+    from fxadapt import compiling
+
+    calls = []
+
+    def slow_check():
+        time.sleep(0.5)
+        calls.append(threading.current_thread().name)
+
+    monkeypatch.setattr(vec_isa, "valid_vec_isa_list", slow_check)
+    monkeypatch.setattr(compiling, "_isa_probe", None)
+    cpu = torch.device("cpu")
+    compiling.start_isa_probe(None, {}, cpu)  # eager: nothing to check
+    compiling.start_isa_probe("whole", {"backend": "eager"}, cpu)  # no inductor
+    compiling.start_isa_probe("whole", {}, torch.device("meta"))  # not a CPU
+    assert compiling._isa_probe is None and calls == []
+    gm = fxadapt.adapt(make("bert", head=True), "lora").graph_for(**batch())
+    fxadapt.adapt(make("bert", head=True), "lora", compile=True)
+    assert compiling._isa_probe is not None
+    compiling.start_isa_probe("whole", {}, cpu)  # a second model does not start another
+    compiling.compile_graph(gm, "whole", {"backend": "eager"})
+    assert not compiling._isa_probe.is_alive()  # waited for before anything compiles
+    assert calls == ["fxadapt-isa-probe"]

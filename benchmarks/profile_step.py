@@ -1,7 +1,8 @@
 """Where a LoRA training step spends its time: eager against compiled, kernel by kernel.
 
 For BERT-base and Llama 4L/512 (``bench_lora.py``'s models, batch and LoRA), one training step of
-fxadapt eager, fxadapt compiled by region (the default) and fxadapt compiled whole is profiled with
+fxadapt eager, fxadapt compiled by region and fxadapt compiled whole (``fx_compiled``, what
+``compile=True`` picks for the device, can be asked for too) is profiled with
 ``torch.profiler`` after warm-up; inductor's generated kernels are made visible to the profiler
 (``cpp.enable_kernel_profile``). Every op's self time is put in a category (GEMMs, attention, layer
 norm, softmax, activation, dropout, other pointwise, optimizer, ...) and in the phase it ran in:
@@ -34,7 +35,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-VARIANTS = {"fx_eager": False, "fx_compiled": True, "fx_whole": "whole"}
+VARIANTS = {"fx_eager": False, "fx_regional": "regional", "fx_whole": "whole", "fx_compiled": True}
+DEFAULT_VARIANTS = "fx_eager,fx_regional,fx_whole"
 PHASES = ("forward", "backward", "optimizer")
 # first match wins; patterns are searched in lower-cased op or kernel names
 CATEGORIES = (
@@ -199,7 +201,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="bert,llama")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"any of {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results"))
@@ -225,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "models": {},
     }
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     jobs = [(m, v) for m in args.models.split(",") for v in args.variants.split(",")]
     for name, variant in tqdm(jobs, desc="profiling", unit="variant"):
         results["models"].setdefault(name, {})[variant] = run(

@@ -14,6 +14,7 @@ same functions (on a small slice when ``FXADAPT_NOTEBOOK_SMALL=1``, as in the te
     python benchmarks/sst2_minilm.py                  # the full recipe, every method, each in its own process
     python benchmarks/sst2_minilm.py --small          # the notebook's small slice (minutes)
     python benchmarks/sst2_minilm.py --methods fxadapt_lora,peft_lora --out /tmp/sst2.json
+    python benchmarks/sst2_minilm.py --methods fxadapt_lora_pooler,peft_lora --seed 43 --out /tmp/seed43.json
 
 Runs of other methods already in ``--out`` are kept (``--fresh`` drops them), so methods can be run one by one.
 """
@@ -260,9 +261,14 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the notebook's small slice")
     parser.add_argument("--out", default=str(HERE / "results" / "sst2_minilm.json"))
     parser.add_argument("--fresh", action="store_true", help="drop earlier runs of other methods from --out")
+    parser.add_argument(
+        "--seed", type=int, default=None, help=f"another seed than the recipe's {RECIPE['seed']}"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     recipe = SMALL if args.small else RECIPE
+    if args.seed is not None:
+        recipe = dict(recipe, seed=args.seed)
     if args.worker:  # one method in this fresh process: its memory is its own
         print(json.dumps(run(args.worker, recipe, progress=True)))
         return
@@ -275,6 +281,7 @@ def main() -> None:
     results = []
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--worker", method] + (["--small"] if args.small else [])
+        cmd += ["--seed", str(recipe["seed"])]
         t, load_before = time.time(), os.getloadavg()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:

@@ -944,6 +944,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = 1 if args.quick else 3
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be >= 1")
+    if args.warm_repeats < 1:
+        p.error(f"--warm-repeats must be >= 1 (warm processes per variant), got {args.warm_repeats}")
     args.train_variants = tuple(
         v for v in TRAIN_VARIANTS if not (args.no_floor_compiled and v == "floor_compiled")
     )
